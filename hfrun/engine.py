@@ -1,0 +1,332 @@
+"""The training loop: budget, evaluation, early stopping, checkpoints, logging calls.
+
+The engine knows nothing about any particular solver. Per update it calls
+`solver.step(stream)`, adds the examples the solver reports to the run's cost
+counters (the one place costs are counted), logs, evaluates on the task's
+schedule, keeps `best.pt`, stops early, and writes `last.pt` so that a stopped
+run resumes exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hfrun.checkpoint import load_checkpoint, save_checkpoint
+from hfrun.errors import HfrunError
+from hfrun.logging import RunLogger, print_summary
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Config groups that must match between a run and its resumption (budgets may change).
+RESUME_MUST_MATCH = ("task", "model", "solver", "seed")
+# Minibatch unit of M&S 2011's table: 1000 sequences through a gradient or a curvature product.
+PUBLISHED_MINIBATCH = 1000
+
+
+@dataclass
+class Progress:
+    """Counters and stopping state; saved in every checkpoint."""
+
+    update: int = 0
+    examples_grad: int = 0
+    examples_curv: int = 0
+    wall_time_s: float = 0.0
+    last_train_loss: float = math.nan
+    best_train_loss: float = math.inf
+    last_eval: dict = field(default_factory=dict)
+    best_eval: dict = field(default_factory=dict)
+    best_score: float = math.inf
+    best_update: int = 0
+    evals_without_improvement: int = 0
+    solved_at: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- validation
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise HfrunError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_run_config(run: DictConfig) -> None:
+    """Check types and ranges of the `run` group; name the bad key and how to fix it."""
+    for key in ("max_updates", "eval_every", "checkpoint_every"):
+        value = run[key]
+        _require(_is_int(value) and value >= 1,
+                 f"run.{key} must be a positive integer, got {value!r} ({type(value).__name__}). "
+                 f"Example: run.{key}=100.")
+    seconds = run.max_seconds
+    _require(seconds is None or (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0),
+             f"run.max_seconds must be a positive number or null, got {seconds!r}. Example: run.max_seconds=3600.")
+    _require(run.device in ("auto", "cpu", "cuda"),
+             f"run.device must be auto, cpu or cuda, got {run.device!r}.")
+    _require(run.dtype in DTYPES, f"run.dtype must be one of {sorted(DTYPES)}, got {run.dtype!r}.")
+    patience = run.early_stop.patience
+    _require(patience is None or (_is_int(patience) and patience >= 1),
+             f"run.early_stop.patience must be a positive integer or null, got {patience!r}.")
+    for key in ("flush_denormal", "stop_when_solved"):
+        _require(isinstance(run[key], bool), f"run.{key} must be true or false, got {run[key]!r}.")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HfrunError("run.device=cuda was asked for, but PyTorch sees no CUDA device here. "
+                         "Use run.device=auto or run.device=cpu.")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- building
+
+def _without(cfg: DictConfig, *keys: str) -> DictConfig:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in keys:
+        container.pop(key, None)
+    return OmegaConf.create(container)
+
+
+def _instantiate(group: str, cfg: DictConfig, **kwargs):
+    try:
+        return instantiate(cfg, **kwargs)
+    except Exception as error:  # instantiate wraps constructor errors; show the root cause
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise HfrunError(f"Could not build the {group} from its config ({type(cause).__name__}: {cause}). "
+                         f"Check the {group}.* values you set (hfrun --cfg job shows the composed config).") from None
+
+
+def build_task(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+    return _instantiate("task", _without(cfg.task, "solver_hints"), seed=int(cfg.seed), device=device, dtype=dtype)
+
+
+def build_model(cfg: DictConfig, task, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    model_cfg = OmegaConf.merge(cfg.model, task.model_sizes())
+    return _instantiate("model", model_cfg).to(device=device, dtype=dtype)
+
+
+def build_solver(cfg: DictConfig, model: torch.nn.Module, task):
+    return _instantiate("solver", _without(cfg.solver, "name"), model=model, loss=task.loss)
+
+
+# ---------------------------------------------------------------- state
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(cfg: DictConfig, key: str):
+    value = cfg[key]
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def check_resume_matches(saved_yaml: str, cfg: DictConfig, path: Path) -> None:
+    saved = OmegaConf.create(saved_yaml)
+    for key in RESUME_MUST_MATCH:
+        if _plain(saved, key) != _plain(cfg, key):
+            raise HfrunError(f"The run in {path} was started with a different {key!r} config than this command. "
+                             f"Resume with the same task, model, solver and seed overrides as the original run "
+                             f"(its config is in {path}/.hydra/config.yaml); only run.* budgets may change.")
+
+
+# ---------------------------------------------------------------- the loop
+
+class StopRequest:
+    """First Ctrl-C asks the loop to stop after the current update and checkpoint; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Interrupted: finishing this update and writing checkpoints/last.pt (Ctrl-C again to abort).")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def _parameters_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class Run:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        validate_run_config(cfg.run)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = resolve_device(cfg.run.device)
+        self.dtype = DTYPES[cfg.run.dtype]
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(cfg.run.flush_denormal)
+        resume_state = self._load_resume_state()
+        torch.manual_seed(int(cfg.seed))
+        self.task = build_task(cfg, self.device, self.dtype)
+        self.model = build_model(cfg, self.task, self.device, self.dtype)
+        self.solver = build_solver(cfg, self.model, self.task)
+        self.stream = self.task.train_stream()
+        self.progress = Progress()
+        self.score_key = cfg.run.early_stop.metric
+        known = ["loss", self.task.metric_name]
+        _require(self.score_key in known,
+                 f"run.early_stop.metric={self.score_key!r} is not reported by task {self.task.name!r}; "
+                 f"choose one of {sorted(set(known))}.")
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+
+    def _load_resume_state(self) -> dict | None:
+        if self.cfg.run.resume is None:
+            return None
+        path = Path(self.cfg.run.resume)
+        state = load_checkpoint(path / "checkpoints" / "last.pt")
+        check_resume_matches(state["config"], self.cfg, path)
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.solver.load_state_dict(state["solver"])
+        self.stream.load_state_dict(state["stream"])
+        self.progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+        log.info("Resumed from update %d.", self.progress.update)
+
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "solver": self.solver.state_dict(),
+                "stream": self.stream.state_dict(), "progress": asdict(self.progress), "rng": rng_state(),
+                "config": OmegaConf.to_yaml(self.cfg)}
+
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        metrics = self.task.evaluate(self.model)
+        self.model.train()
+        return metrics
+
+    def _after_eval(self, metrics: dict[str, float]) -> str | None:
+        """Record an evaluation; return a stop status (solved, early_stopped) or None."""
+        p = self.progress
+        p.last_eval = dict(metrics)
+        score = metrics[self.score_key]
+        if score < p.best_score - self.cfg.run.early_stop.min_delta:
+            p.best_score, p.best_update, p.best_eval = score, p.update, dict(metrics)
+            p.evals_without_improvement = 0
+            save_checkpoint(self._state(), self.checkpoint_dir / "best.pt")
+        else:
+            p.evals_without_improvement += 1
+        if self.task.is_solved(metrics) and not p.solved_at:
+            p.solved_at = {"update": p.update, "examples_grad": p.examples_grad, "examples_curv": p.examples_curv,
+                           "minibatches": (p.examples_grad + p.examples_curv) / PUBLISHED_MINIBATCH}
+            if self.cfg.run.stop_when_solved:
+                return "solved"
+        patience = self.cfg.run.early_stop.patience
+        if patience is not None and p.evals_without_improvement >= patience:
+            return "early_stopped"
+        return None
+
+    def train(self) -> dict:
+        cfg, p = self.cfg, self.progress
+        logger = RunLogger(self.run_dir, OmegaConf.to_yaml(cfg), tensorboard=cfg.logger.tensorboard,
+                           progress=cfg.logger.progress, max_updates=cfg.run.max_updates,
+                           start_update=p.update, metric_name=self.task.metric_name)
+        status, message = None, None
+        started = time.monotonic() - p.wall_time_s
+        try:
+            with StopRequest() as stop:
+                if p.update >= cfg.run.max_updates:
+                    status = "budget"
+                while status is None:
+                    stats = self.solver.step(self.stream)
+                    if not math.isfinite(stats["loss"]) or not _parameters_finite(self.model):
+                        status = "diverged"
+                        message = (f"The training loss became {stats['loss']} at update {p.update + 1}: the run "
+                                   "diverged. No checkpoint was written for it; last.pt and best.pt hold the last "
+                                   "finite state. Lower the learning rate or raise the damping and start again.")
+                        break
+                    p.update += 1
+                    p.examples_grad += int(stats["examples_grad"])
+                    p.examples_curv += int(stats["examples_curv"])
+                    p.last_train_loss = stats["loss"]
+                    p.best_train_loss = min(p.best_train_loss, stats["loss"])
+                    p.wall_time_s = time.monotonic() - started
+                    logger.log_update(p.update, stats, asdict(p), p.wall_time_s)
+                    if p.update % cfg.run.eval_every == 0 or p.update >= cfg.run.max_updates:
+                        metrics = self._evaluate()
+                        logger.log_eval(p.update, metrics)
+                        status = self._after_eval(metrics)
+                    if status is None and p.update >= cfg.run.max_updates:
+                        status = "budget"
+                    if status is None and cfg.run.max_seconds is not None and p.wall_time_s >= cfg.run.max_seconds:
+                        status = "budget"
+                    if status is None and stop.requested:
+                        status = "interrupted"
+                    if status is not None or p.update % cfg.run.checkpoint_every == 0:
+                        save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
+        finally:
+            logger.close()
+        summary = self._summary(status, message)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _summary(self, status: str, message: str | None) -> dict:
+        cfg, p = self.cfg, self.progress
+        metric = self.task.metric_name
+        summary = {
+            "task": self.task.name, "solver": cfg.solver.name, "model": cfg.model._target_.rsplit(".", 1)[-1],
+            "seed": int(cfg.seed), "status": status, "device": str(self.device), "dtype": cfg.run.dtype,
+            "updates": p.update, "examples_grad": p.examples_grad, "examples_curv": p.examples_curv,
+            "minibatches": (p.examples_grad + p.examples_curv) / PUBLISHED_MINIBATCH,
+            "wall_time_s": round(p.wall_time_s, 3),
+            "metric": metric, "objective": self.score_key,
+            "final_train_loss": p.last_train_loss, "best_train_loss": p.best_train_loss,
+            "final_val_loss": p.last_eval.get("loss", math.nan), f"final_val_{metric}": p.last_eval.get(metric, math.nan),
+            "best_val_loss": p.best_eval.get("loss", math.nan), f"best_val_{metric}": p.best_eval.get(metric, math.nan),
+            "best_update": p.best_update,
+        }
+        if self.task.success_threshold is not None:
+            summary["solved"] = bool(p.solved_at)
+            summary.update({f"solved_{key}": value for key, value in p.solved_at.items()})
+        if message:
+            summary["message"] = message
+        summary["run_dir"] = str(self.run_dir)
+        return summary
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Build everything from the composed config, train, write summary.json; return the summary."""
+    summary = Run(cfg, run_dir).train()
+    print_summary(summary)
+    return summary

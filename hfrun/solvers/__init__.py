@@ -1,0 +1,1 @@
+"""Solvers: one algorithm a file, each with `step(stream) -> stats` and `state_dict()`."""

@@ -1,0 +1,57 @@
+"""Regression tasks with a known answer."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hfrun.losses import SquaredError
+from hfrun.tasks.base import Batch, DatasetStream, Task, make_generator
+
+
+class LinearRegression(Task):
+    """y = Xw* + b* + ε, X ~ N(0, I), ε ~ N(0, σ²), fixed training and held-out sets.
+
+    The known optimum of the training loss ½‖Xw + b − y‖²/n is the least-squares
+    solution, returned in float64 by `optimum()`; the held-out loss of the true
+    parameters is about σ²/2. The metric is the mean squared error per case.
+    """
+
+    metric_name = "mse"
+
+    def __init__(self, *, name: str, seed: int, device, dtype: torch.dtype, input_size: int = 10,
+                 output_size: int = 1, train_size: int = 2000, eval_size: int = 1000, noise_std: float = 0.1):
+        if min(input_size, output_size, train_size, eval_size) < 1 or noise_std < 0:
+            raise ValueError("linreg needs positive sizes and noise_std >= 0")
+        self.name, self.loss = name, SquaredError()
+        self.input_size, self.output_size = input_size, output_size
+        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
+        generator = make_generator(seed + 7919, torch.device("cpu"))
+        self.true_weight = torch.randn(output_size, input_size, generator=generator, dtype=torch.float64)
+        self.true_bias = torch.randn(output_size, generator=generator, dtype=torch.float64)
+        self.train_x, self.train_y = self._sample(train_size, noise_std, generator)
+        self.eval_x, self.eval_y = self._sample(eval_size, noise_std, generator)
+
+    def _sample(self, size: int, noise_std: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        x = torch.randn(size, self.input_size, generator=generator, dtype=torch.float64)
+        noise = noise_std * torch.randn(size, self.output_size, generator=generator, dtype=torch.float64)
+        y = x @ self.true_weight.T + self.true_bias + noise
+        return x, y
+
+    def _on_device(self, tensor: Tensor) -> Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    def train_stream(self) -> DatasetStream:
+        return DatasetStream(self._on_device(self.train_x), self._on_device(self.train_y),
+                             make_generator(self.seed, self.device))
+
+    def eval_batches(self) -> list[Batch]:
+        return [Batch(self._on_device(self.eval_x), self._on_device(self.eval_y))]
+
+    def metric_sum(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return (outputs - batch.targets).square().sum(-1).sum()
+
+    def optimum(self) -> tuple[Tensor, Tensor]:
+        """Least-squares weight (O, I) and bias (O,) on the training set, in float64."""
+        design = torch.cat([self.train_x, torch.ones(len(self.train_x), 1, dtype=torch.float64)], dim=1)
+        solution = torch.linalg.lstsq(design, self.train_y).solution
+        return solution[:-1].T, solution[-1]
