@@ -1,0 +1,152 @@
+"""The engine's contract: run directory, summary.json, exact resume, TensorBoard tags, early stopping, errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from hfrun.checkpoint import load_checkpoint, save_checkpoint
+from hfrun.engine import Run
+from hfrun.errors import HfrunError
+
+SUMMARY_KEYS = {"task", "solver", "seed", "status", "updates", "examples_grad", "examples_curv", "wall_time_s",
+                "final_train_loss", "best_train_loss", "final_val_loss", "best_val_loss", "final_val_mse",
+                "best_val_mse", "best_update", "minibatches"}
+FAST = ["solver.lr=0.01", "run.max_updates=60", "run.eval_every=10", "run.checkpoint_every=20"]
+
+
+def test_run_directory_and_summary(make_config, tmp_path):
+    summary = Run(make_config(*FAST), tmp_path).train()
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert SUMMARY_KEYS <= on_disk.keys()
+    assert on_disk["status"] == "budget" and on_disk["updates"] == 60
+    assert on_disk["examples_grad"] == 60 * 100 and on_disk["examples_curv"] == 0
+    assert on_disk["best_val_loss"] <= on_disk["final_val_loss"]
+    assert not list(tmp_path.rglob("*.tmp")), "a temporary checkpoint file was left behind"
+
+
+def _interrupt_at(run: Run, update: int) -> None:
+    """Deliver a real SIGINT in the middle of the given update, as Ctrl-C would."""
+    step = run.solver.step
+
+    def step_and_interrupt(stream):
+        stats = step(stream)
+        if run.progress.update + 1 == update:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stats
+
+    run.solver.step = step_and_interrupt
+
+
+def _without_timing(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("wall_time_s", "run_dir", "status")}
+
+
+@pytest.mark.parametrize("solver", ["sgd", "adam"])
+def test_resume_equals_uninterrupted(make_config, tmp_path, solver):
+    overrides = [f"solver={solver}", *FAST, "run.early_stop.patience=50"]
+    straight = Run(make_config(*overrides), tmp_path / "straight")
+    expected = straight.train()
+
+    first = Run(make_config(*overrides), tmp_path / "stopped")
+    _interrupt_at(first, 33)
+    stopped = first.train()
+    assert stopped["status"] == "interrupted" and stopped["updates"] == 33
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["progress"]["update"] == 33
+
+    resumed_run = Run(make_config(*overrides, f"run.resume={tmp_path / 'stopped'}"), tmp_path / "stopped")
+    resumed = resumed_run.train()
+    assert _without_timing(resumed) == _without_timing(expected)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed_run.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_tensorboard_tags(make_config, tmp_path):
+    Run(make_config(*FAST), tmp_path).train()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/mse", "solver/lr", "counts/examples_grad", "counts/examples_curv",
+            "time/wall_s"} <= scalars
+    assert [e.step for e in events.Scalars("val/loss")] == [10, 20, 30, 40, 50, 60]
+    assert "config/text_summary" in events.Tags()["tensors"]
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "max_updates: 60" in config_text
+
+
+def test_early_stopping_keeps_best_and_stops(make_config, tmp_path):
+    # lr=0 never improves after the first evaluation: patience 2 stops at the third.
+    summary = Run(make_config("solver=sgd", "solver.lr=0.0", "run.max_updates=1000", "run.eval_every=5",
+                              "run.early_stop.patience=2"), tmp_path).train()
+    assert summary["status"] == "early_stopped" and summary["updates"] == 15
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["progress"]["update"] == 5
+
+
+def test_nan_loss_is_diverged_and_leaves_no_nan_checkpoint(make_config, tmp_path):
+    summary = Run(make_config("solver=sgd", "solver.lr=1e6", "run.max_updates=100", "run.checkpoint_every=1"),
+                  tmp_path).train()
+    assert summary["status"] == "diverged"
+    assert "diverged" in summary["message"]
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert state["progress"]["update"] < 100
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("run.max_updates=abc", "run.max_updates must be a positive integer"),
+    ("run.eval_every=0", "run.eval_every must be a positive integer"),
+    ("run.device=tpu", "run.device must be auto, cpu or cuda"),
+    ("run.dtype=float16", "run.dtype must be one of"),
+    ("run.early_stop.metric=accuracy", "run.early_stop.metric='accuracy' is not reported"),
+    ("solver.lr=-1", "Could not build the solver"),
+])
+def test_bad_config_values_name_the_problem(make_config, tmp_path, override, fragment):
+    with pytest.raises(HfrunError, match=fragment.replace("(", r"\(")):
+        Run(make_config(override), tmp_path)
+
+
+def test_resume_without_checkpoint(make_config, tmp_path):
+    with pytest.raises(HfrunError, match="No checkpoint at"):
+        Run(make_config(f"run.resume={tmp_path}"), tmp_path)
+
+
+def test_resume_from_corrupt_checkpoint(make_config, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(HfrunError, match="could not be read"):
+        Run(make_config(f"run.resume={tmp_path}"), tmp_path)
+
+
+def test_resume_with_other_solver_is_refused(make_config, tmp_path):
+    Run(make_config(*FAST), tmp_path).train()
+    with pytest.raises(HfrunError, match="different 'solver'"):
+        Run(make_config(*FAST, "solver=sgd", f"run.resume={tmp_path}"), tmp_path)
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"x": torch.ones(3)}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint({"x": torch.zeros(3)}, path)
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_budget_in_seconds(make_config, tmp_path):
+    summary = Run(make_config("run.max_updates=100000000", "run.max_seconds=1"), tmp_path).train()
+    assert summary["status"] == "budget" and 1 <= summary["wall_time_s"] < 10
+    assert math.isfinite(summary["final_val_loss"])
