@@ -1,0 +1,218 @@
+"""Hessian-free optimization (truncated Newton): Martens 2010; Martens & Sutskever 2011.
+
+Each update minimizes the damped quadratic model of the objective around θ,
+
+    q(d) = gᵀd + ½ dᵀ(C + λI + μλ·G_S)d,
+
+with linear conjugate gradient, where g is the gradient on the gradient batch,
+C the curvature on a (possibly smaller) curvature batch — the Gauss-Newton
+matrix G = Jᵀ H_L J (default) or the Hessian — λ the Levenberg-Marquardt
+damping and μλ·G_S the structural damping of an RNN's hidden pre-activations
+(M&S 2011). Then:
+
+1. CG starts from 0.95 × the previous solution and stops by Martens' relative
+   progress rule, at `cg_max_iters`, or on non-positive curvature.
+2. Backtracking: starting from the last CG iterate, walk back through the saved
+   iterates (i = ⌈5·1.3ʲ⌉) while the objective on the backtracking batch keeps
+   improving; keep the best (Martens 2010, §4.6).
+3. λ follows ρ = (f(θ+d) − f(θ)) / q(d): ×3/2 if ρ < 1/4, ×2/3 if ρ > 3/4;
+   ρ = −∞ when f went up or is NaN.
+4. Armijo line search along d: the largest α = 0.8ᵏ with
+   f(θ+αd) ≤ f(θ) + c·α·gᵀd (c = 1e-2); α = 0 if none of `max_line_search`
+   tries decreases f.
+
+The objective f includes the L2 weight cost ½·weight_cost·‖θ‖², whose
+curvature weight_cost·I is added to C. Losses are per-case means, so λ does
+not depend on the batch size (see hfrun.losses).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from hfrun.curvature import CurvatureOperator, ParamSpec, martens_preconditioner, per_case_gradient_squares
+from hfrun.solvers.cg import conjugate_gradient
+
+CURVATURES = ("ggn", "hessian")
+PRECONDITIONERS = ("none", "martens")
+
+
+class HessianFree:
+    """HF behind the solver interface: `step(stream)` does one outer update and returns its statistics.
+
+    Usable in a plain PyTorch loop:
+
+        solver = HessianFree(model, SquaredError(), gradient_batch_size=1000)
+        for _ in range(100):
+            stats = solver.step(stream)        # stream.next(n) -> Batch
+    """
+
+    def __init__(self, model: nn.Module, loss, *, gradient_batch_size: int, curvature_batch_size: int | None = None,
+                 backtrack_batch_size: int | None = None, curvature: str = "ggn", initial_damping: float = 1.0,
+                 structural_damping: float = 0.0, cg_max_iters: int = 250,
+                 cg_tol: float = 5e-4, cg_decay: float = 0.95, preconditioner: str = "none",
+                 preconditioner_exponent: float = 0.75, weight_cost: float = 0.0, damping_min: float = 1e-8,
+                 line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60):
+        _check(curvature in CURVATURES, f"solver.curvature must be one of {CURVATURES}, got {curvature!r}")
+        _check(preconditioner in PRECONDITIONERS,
+               f"solver.preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+        for name, value in (("gradient_batch_size", gradient_batch_size), ("cg_max_iters", cg_max_iters)):
+            _check(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
+        for name, value in (("initial_damping", initial_damping), ("structural_damping", structural_damping),
+                            ("weight_cost", weight_cost), ("cg_tol", cg_tol)):
+            _check(value >= 0, f"solver.{name} must be >= 0, got {value}")
+        _check(0 <= cg_decay <= 1, f"solver.cg_decay must be in [0, 1], got {cg_decay}")
+        self.model, self.loss = model, loss
+        self.gradient_batch_size = int(gradient_batch_size)
+        self.curvature_batch_size = int(curvature_batch_size or gradient_batch_size)
+        self.backtrack_batch_size = int(backtrack_batch_size or 0)  # 0: backtrack on the gradient batch
+        self.curvature, self.structural_damping = curvature, float(structural_damping)
+        self.cg_max_iters, self.cg_tol = int(cg_max_iters), float(cg_tol)
+        self.cg_decay, self.weight_cost, self.damping_min = float(cg_decay), float(weight_cost), float(damping_min)
+        self.preconditioner, self.preconditioner_exponent = preconditioner, float(preconditioner_exponent)
+        self.line_search_c, self.line_search_shrink = float(line_search_c), float(line_search_shrink)
+        self.max_line_search = int(max_line_search)
+        self.damping = float(initial_damping)
+        self.spec = ParamSpec.from_module(model)
+        self.warm_start: Tensor | None = None
+
+    # ------------------------------------------------------------ objective
+
+    def _params(self) -> dict[str, Tensor]:
+        return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _objective(self, theta: Tensor, batch) -> float:
+        """f(θ) = L(θ; batch) + ½·weight_cost·‖θ‖², without building a graph."""
+        with torch.no_grad():
+            outputs = functional_call(self.model, self.spec.unflatten(theta), (batch.inputs,))
+            value = self.loss(outputs, batch.targets, batch.mask)
+            if self.weight_cost:
+                value = value + 0.5 * self.weight_cost * theta.dot(theta)
+        return float(value)
+
+    def _gradient(self, theta: Tensor, batch) -> tuple[float, Tensor]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss = self.loss(self.model(batch.inputs), batch.targets, batch.mask)
+        gradient = self.spec.flatten(torch.autograd.grad(loss, params))
+        value = float(loss.detach())
+        if self.weight_cost:
+            gradient = gradient + self.weight_cost * theta
+            value += 0.5 * self.weight_cost * float(theta.dot(theta))
+        return value, gradient
+
+    # ------------------------------------------------------------ one update
+
+    def step(self, stream) -> dict[str, float]:
+        clock = time.perf_counter()
+        theta = self.spec.flatten(self._params())
+        gradient_batch = stream.next(self.gradient_batch_size)
+        curvature_batch = _first(gradient_batch, self.curvature_batch_size)
+        loss_before, gradient = self._gradient(theta, gradient_batch)
+        operator = CurvatureOperator(self.model, self.loss, curvature_batch, damping=self.damping,
+                                     structural_damping=self.structural_damping, curvature=self.curvature)
+        preconditioner = None
+        if self.preconditioner == "martens":
+            squares = per_case_gradient_squares(self.model, self.loss, curvature_batch)
+            preconditioner = martens_preconditioner(squares, self.damping + self.weight_cost,
+                                                    self.preconditioner_exponent)
+        time_gradient = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        products = 0
+
+        def damped_curvature(v: Tensor) -> Tensor:
+            nonlocal products
+            products += 1
+            return operator.mv(v) + self.weight_cost * v if self.weight_cost else operator.mv(v)
+
+        x0 = None if self.warm_start is None else self.cg_decay * self.warm_start
+        cg = conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters,
+                                tol=self.cg_tol, preconditioner=preconditioner)
+        self.warm_start = cg.solution.detach()
+        time_cg = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        backtrack_batch = stream.next(self.backtrack_batch_size) if self.backtrack_batch_size else gradient_batch
+        objective_before = loss_before if backtrack_batch is gradient_batch else self._objective(theta, backtrack_batch)
+        chosen_iter, direction, objective_after = self._backtrack(theta, cg.iterates, backtrack_batch)
+        model_reduction = cg.q_values[chosen_iter]
+        rho = self._reduction_ratio(objective_before, objective_after, model_reduction)
+        self._update_damping(rho)
+        step_size, objective_final = self._line_search(theta, direction, gradient, objective_before,
+                                                       objective_after, backtrack_batch)
+        with torch.no_grad():
+            new_theta = theta + step_size * direction
+            for p, value in zip((p for p in self.model.parameters() if p.requires_grad),
+                                self.spec.unflatten(new_theta).values()):
+                p.copy_(value)
+        time_line_search = time.perf_counter() - clock
+        return {
+            "loss": loss_before, "lambda": self.damping, "rho": rho, "cg_iters": cg.iterations,
+            "cg_chosen_iter": chosen_iter, "q_reduction": -model_reduction,
+            "actual_reduction": objective_before - objective_final, "step_size": step_size,
+            "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
+            "examples_grad": gradient_batch.size, "examples_curv": products * curvature_batch.size,
+        }
+
+    def _backtrack(self, theta: Tensor, iterates, batch) -> tuple[int, Tensor, float]:
+        """Walk back from the last saved CG iterate while f keeps improving; return (iteration, d, f(θ+d))."""
+        best_iter, best_direction = iterates[-1]
+        best_value = self._objective(theta + best_direction, batch)
+        for iteration, direction in reversed(iterates[:-1]):
+            value = self._objective(theta + direction, batch)
+            if not value < best_value:
+                break
+            best_iter, best_direction, best_value = iteration, direction, value
+        return best_iter, best_direction, best_value
+
+    @staticmethod
+    def _reduction_ratio(before: float, after: float, model_reduction: float) -> float:
+        if not math.isfinite(after) or after > before or model_reduction >= 0:
+            return -math.inf
+        return (after - before) / model_reduction
+
+    def _update_damping(self, rho: float) -> None:
+        if rho < 0.25:
+            self.damping *= 1.5
+        elif rho > 0.75:
+            self.damping = max(self.damping * 2 / 3, self.damping_min)
+
+    def _line_search(self, theta, direction, gradient, before, value_at_one, batch) -> tuple[float, float]:
+        """Armijo backtracking from α = 1; (0, f(θ)) when no tried α decreases f."""
+        slope = float(gradient.dot(direction))
+        rate, value = 1.0, value_at_one
+        for _ in range(self.max_line_search):
+            if math.isfinite(value) and value <= before + self.line_search_c * rate * slope:
+                return rate, value
+            rate *= self.line_search_shrink
+            value = self._objective(theta + rate * direction, batch)
+        return 0.0, before
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {"damping": self.damping, "warm_start": self.warm_start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.damping = float(state["damping"])
+        warm_start = state["warm_start"]
+        if warm_start is not None:
+            reference = next(self.model.parameters())
+            warm_start = warm_start.to(reference.device, reference.dtype)
+        self.warm_start = warm_start
+
+
+def _first(batch, size: int):
+    """The first `size` cases of a batch: Martens' curvature chunk of the gradient batch."""
+    if size >= batch.size:
+        return batch
+    return type(batch)(batch.inputs[:size], batch.targets[:size], None if batch.mask is None else batch.mask[:size])
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
