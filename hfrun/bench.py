@@ -1,0 +1,140 @@
+"""`make bench`: the cost of curvature products against the cost of a gradient, on this machine.
+
+One process, one device, side by side. Per workload:
+  grad_ms       one gradient of the batch loss (forward + backward)
+  gvp_ms        one GGN-vector product with the batch's primal work cached
+  cg_iter_ms    one CG iteration (a product plus CG's vector work)
+  hf_update_ms  one full HF update with exactly 50 CG iterations
+  gvp/grad      target ≤ 1.5 (ideal ≈ 4/3: a tangent pass plus a backward, against forward plus backward)
+  cg_overhead   CG's vector work as a fraction of a product; target < 5%
+Times are medians of repeated runs after warm-up, with float32 denormals
+flushed to zero on the CPU (as in a run).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from hfrun.curvature import CurvatureOperator
+from hfrun.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError
+from hfrun.models.autoencoder import Autoencoder
+from hfrun.models.mlp import MLP
+from hfrun.models.rnn import RNN
+from hfrun.solvers.cg import conjugate_gradient
+from hfrun.solvers.hf import HessianFree
+from hfrun.tasks.base import Batch
+
+HF_CG_ITERS = 50
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    loss: Callable
+    batch: Batch
+
+
+class FixedBatch:
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    def next(self, batch_size: int) -> Batch:
+        return self.batch
+
+
+def workloads(device: torch.device, scale: float) -> list[Workload]:
+    def n(size: int) -> int:
+        return max(2, int(size * scale))
+
+    mlp_batch = Batch(torch.randn(n(5000), 784, device=device), torch.randint(0, 10, (n(5000),), device=device))
+    images = torch.rand(n(1000), 784, device=device)
+    rnn_inputs = torch.randn(n(1000), 100, 2, device=device)
+    mask = torch.zeros(n(1000), 100, device=device)
+    mask[:, -1] = 1
+    rnn_batch = Batch(rnn_inputs, torch.randn(n(1000), 100, 1, device=device), mask)
+    return [
+        Workload("MLP 784-256-256-10, B5000", MLP(784, 10, [256, 256]).to(device), SoftmaxCrossEntropy(), mlp_batch),
+        Workload("autoencoder 784-1000-500-250-30, B1000", Autoencoder(784).to(device), SigmoidCrossEntropy(),
+                 Batch(images, (images > 0.5).float())),
+        Workload("tanh RNN-100 T100 B1000 (nn.RNN)", RNN(2, 1, impl="fused").to(device), SquaredError(), rnn_batch),
+        Workload("tanh RNN-100 T100 B1000 (loop)", RNN(2, 1, impl="loop").to(device), SquaredError(), rnn_batch),
+    ]
+
+
+def median_ms(work: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        work()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        work()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str, float]:
+    model, loss, batch = workload.model, workload.loss, workload.batch
+    params = [p for p in model.parameters()]
+
+    def gradient():
+        return torch.autograd.grad(loss(model(batch.inputs), batch.targets, batch.mask), params)
+
+    operator = CurvatureOperator(model, loss, batch, damping=1.0)
+    vector = torch.randn(operator.num_params, device=device)
+    g = torch.randn(operator.num_params, device=device)
+    cg_iters = 10
+
+    def cg():
+        return conjugate_gradient(operator.mv, g, max_iters=cg_iters, tol=0.0)
+
+    solver = HessianFree(model, loss, gradient_batch_size=batch.size, cg_max_iters=HF_CG_ITERS, cg_tol=0.0,
+                         preconditioner="none")
+    stream = FixedBatch(batch)
+    grad_ms = median_ms(gradient, device, repeats)
+    gvp_ms = median_ms(lambda: operator.mv(vector), device, repeats)
+    cg_iter_ms = median_ms(cg, device, max(1, repeats // 3)) / cg_iters
+    hf_update_ms = median_ms(lambda: solver.step(stream), device, 1, warmup=1)
+    return {"grad_ms": grad_ms, "gvp_ms": gvp_ms, "cg_iter_ms": cg_iter_ms, "hf_update_ms": hf_update_ms,
+            "gvp/grad": gvp_ms / grad_ms, "cg_overhead": cg_iter_ms / gvp_ms - 1}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every batch size (smoke tests)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    columns = ["grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead"]
+    table = Table(title=f"hfrun bench on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    table.add_column("workload")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for workload in workloads(device, args.scale):
+        row = measure(workload, device, args.repeats)
+        table.add_row(workload.name, *(f"{row[c]:.1%}" if c == "cg_overhead" else
+                                       f"{row[c]:.2f}" if c == "gvp/grad" else f"{row[c]:.1f}" for c in columns))
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
