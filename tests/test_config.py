@@ -19,6 +19,9 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option):
     cfg = compose_config(f"{group}={option}")
+    if group == "task" and OmegaConf.is_missing(cfg.task, "T"):  # a task's base file: any T by override
+        cfg = compose_config(f"{group}={option}", "task.T=40")
+        assert cfg.task.name == f"{option}_T40"
     assert OmegaConf.select(cfg, group) is not None
     if "_target_" in cfg[group]:
         assert get_class(cfg[group]._target_)

@@ -1,0 +1,109 @@
+"""Preconditioned linear conjugate gradient for the quadratic model of Hessian-free optimization.
+
+Minimises q(d) = gᵀd + ½ dᵀA d, i.e. solves A d = −g, with A given only as a
+product `mv(v) = A v` (Martens 2010):
+  - preconditioner: a positive diagonal M, applied as M⁻¹r;
+  - termination by relative progress: stop at iteration i when i > k, φ_i < 0 and
+    (φ_i − φ_{i−k})/φ_i < k·ε, with k = max(10, ⌈0.1·i⌉), ε = `tol`, φ_i = q(x_i);
+  - non-positive curvature pᵀAp ≤ 0 stops without taking that step, keeping the last iterate;
+  - iterates are saved at i = ⌈5·1.3ʲ⌉ and at the end, for backtracking over them.
+φ is tracked from the residual r = −g − Ax at no extra product: φ(x) = ½ xᵀ(g − r).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+FIRST_SAVED_ITERATION = 5
+SAVE_RATIO_NUMERATOR, SAVE_RATIO_DENOMINATOR = 13, 10  # iterates saved at ⌈5·1.3ʲ⌉
+
+
+@dataclass
+class CGResult:
+    """What CG did. `q_values[i]` is φ after i iterations (index 0: the start)."""
+
+    solution: Tensor
+    iterations: int
+    stop_reason: str  # 'progress' | 'max_iters' | 'negative_curvature' | 'converged'
+    iterates: list[tuple[int, Tensor]] = field(default_factory=list)
+    q_values: list[float] = field(default_factory=list)
+
+
+def saved_iterations(max_iters: int) -> list[int]:
+    """⌈5·1.3ʲ⌉ for j = 0, 1, … up to max_iters, in exact integer arithmetic."""
+    saved, j = [], 0
+    while (i := -(-FIRST_SAVED_ITERATION * SAVE_RATIO_NUMERATOR**j // SAVE_RATIO_DENOMINATOR**j)) <= max_iters:
+        saved.append(i)
+        j += 1
+    return saved
+
+
+def made_too_little_progress(q_values: list[float], i: int, tol: float) -> bool:
+    """Martens' relative-progress test at iteration i (q_values[i] is φ_i)."""
+    k = max(10, math.ceil(0.1 * i))
+    return i > k and q_values[i] < 0 and (q_values[i] - q_values[i - k]) / q_values[i] < k * tol
+
+
+def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | None = None,
+                       max_iters: int = 250, tol: float = 5e-4, preconditioner: Tensor | None = None,
+                       save_iterates: bool = True) -> CGResult:
+    """Approximately minimise q(x) = gᵀx + ½xᵀAx from x0 (default 0); see the module docstring.
+
+    `tol` = 0 switches the relative-progress test off; CG then runs until
+    `max_iters` or until the residual vanishes (in the M⁻¹-norm, below machine
+    precision relative to the start).
+    """
+    if max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    if preconditioner is not None and preconditioner.shape != g.shape:
+        raise ValueError(f"preconditioner shape {tuple(preconditioner.shape)} does not match g {tuple(g.shape)}")
+    x = torch.zeros_like(g) if x0 is None else x0.clone()
+    residual = -g if x0 is None else -g - mv(x)
+    preconditioned = residual if preconditioner is None else residual / preconditioner
+    direction = preconditioned.clone()
+    rz = torch.dot(residual, preconditioned)
+    q_values = [0.0 if x0 is None else 0.5 * float(torch.dot(x, g - residual))]
+    rz_start = float(rz)
+    vanished = rz_start * torch.finfo(g.dtype).eps ** 2
+    save_at = set(saved_iterations(max_iters)) if save_iterates else set()
+    iterates: list[tuple[int, Tensor]] = []
+
+    i, stop_reason = 0, ("converged" if rz_start <= 0 else "max_iters")
+    while stop_reason == "max_iters" and i < max_iters:
+        i += 1
+        curvature_direction = mv(direction)
+        pap = torch.dot(direction, curvature_direction)
+        # A non-positive pᵀAp gives step 0, so x stays the last good iterate without a sync first.
+        step = torch.where(pap > 0, rz / pap, torch.zeros_like(rz))
+        x.addcmul_(direction, step)
+        residual.addcmul_(curvature_direction, step, value=-1)
+        if preconditioner is None:
+            preconditioned = residual
+        else:
+            torch.div(residual, preconditioner, out=preconditioned)
+        rz_next = torch.dot(residual, preconditioned)
+        q = 0.5 * (torch.dot(x, g) - torch.dot(x, residual))
+        pap_value, rz_value, q_value = torch.stack([pap, rz_next, q]).tolist()  # the one sync
+        if not math.isfinite(pap_value):
+            raise FloatingPointError(f"CG iteration {i}: the curvature product gave pᵀAp = {pap_value}; "
+                                     "check the loss and the parameters for NaN or inf")
+        if pap_value <= 0:
+            i, stop_reason = i - 1, "negative_curvature"
+            break
+        q_values.append(q_value)
+        if i in save_at:
+            iterates.append((i, x.clone()))
+        if rz_value <= vanished:
+            stop_reason = "converged"
+        elif tol > 0 and made_too_little_progress(q_values, i, tol):
+            stop_reason = "progress"
+        else:
+            direction.mul_(rz_next / rz).add_(preconditioned)
+            rz = rz_next
+    if save_iterates and (not iterates or iterates[-1][0] != i):
+        iterates.append((i, x.clone()))
+    return CGResult(solution=x, iterations=i, stop_reason=stop_reason, iterates=iterates, q_values=q_values)

@@ -1,0 +1,323 @@
+"""The pathological long-term-dependency tasks of Hochreiter & Schmidhuber (1997),
+as used by Martens & Sutskever (2011) and Sutskever et al. (2013).
+
+Every batch is generated on the run's device from a `torch.Generator`, with no
+Python loop over sequences. Shared conventions:
+
+  - T is the minimum length. Each batch draws one length L uniformly from
+    [T, T + T//10), so a batch has no padding. (Memorization is the exception:
+    there the data come first and the T-or-more constant inputs follow, see below.)
+  - Marked windows scale with L: a window stated at L = 100 holds the integer
+    positions of that real interval scaled by L/100. For example [10%, 50%) of
+    L = 55 is [5.5, 27.5), positions 6 … 27, and [10, 20] at L = 30 is 3 … 6.
+  - inputs (B, L, input_size) in the run's dtype; the model outputs a prediction
+    at every step; `mask` (B, L) in the run's dtype says which steps the loss
+    covers. Targets are (B, L, 1) values for squared error and sigmoid
+    cross-entropy, (B, L) class indices for softmax cross-entropy; where the mask
+    is 0 they are placeholders (0).
+  - The metric is the 0-1 error: the fraction of sequences that are not correct,
+    where "correct" is defined per task on its last `scored_steps` steps.
+    The task is solved when the held-out 0-1 error falls below 0.001
+    (Sutskever's stopping rule).
+  - The held-out set is `eval_sequences` sequences in batches of
+    `eval_batch_size`, each batch with its own length, drawn once from a
+    generator seeded with seed + EVAL_SEED_OFFSET and cached.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from hfrun.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError
+from hfrun.tasks.base import Batch, GeneratedStream, Task, make_generator
+
+EVAL_SEED_OFFSET = 1_000_003  # the held-out generator's seed is seed + this; far from any sweep's seeds
+VALUE_TOLERANCE = 0.04  # addition/multiplication: correct when |prediction − target| < this
+
+
+def argmax_correct(outputs: Tensor, targets: Tensor) -> Tensor:
+    """(B, k, C) pre-activations vs (B, k) classes → (B, k): the argmax is the target class."""
+    return outputs.argmax(-1) == targets
+
+
+def within_tolerance(outputs: Tensor, targets: Tensor) -> Tensor:
+    """(B, k, 1) linear outputs vs (B, k, 1) values → (B, k): |prediction − target| < 0.04."""
+    return ((outputs - targets).abs() < VALUE_TOLERANCE).all(-1)
+
+
+def threshold_correct(outputs: Tensor, targets: Tensor) -> Tensor:
+    """(B, k, 1) pre-activations vs (B, k, 1) bits → (B, k): [sigmoid(z) > ½] equals the bit."""
+    return ((outputs > 0) == (targets > 0.5)).all(-1)  # sigmoid(z) > ½ ⇔ z > 0
+
+
+def first_position_from(bound_at_100: int, length: int) -> int:
+    """The first integer position ≥ p·L/100, i.e. ⌈p·L/100⌉ (exact integer arithmetic)."""
+    return -(-bound_at_100 * length // 100)
+
+
+def last_position_upto(bound_at_100: int, length: int) -> int:
+    """The last integer position ≤ p·L/100, i.e. ⌊p·L/100⌋."""
+    return bound_at_100 * length // 100
+
+
+def one_hot(symbols: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """(B, L) symbol indices → (B, L, classes) one-hot in `dtype`, without an int64 intermediate."""
+    encoded = torch.zeros(*symbols.shape, classes, dtype=dtype, device=symbols.device)
+    return encoded.scatter_(-1, symbols.unsqueeze(-1), 1.0)
+
+
+def last_step_mask(batch_size: int, length: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(B, L) mask that scores only the last step."""
+    mask = torch.zeros(batch_size, length, dtype=dtype, device=device)
+    mask[:, -1] = 1.0
+    return mask
+
+
+class PathologicalTask(Task):
+    """Shared machinery: length sampling, the training stream, the held-out set, the 0-1 error.
+
+    A subclass sets `loss`, `input_size`, `output_size`, `step_correct` (a rule
+    on the last `scored_steps` steps, all of which must hold) and implements
+    `make_batch(batch_size, length, generator)`.
+    """
+
+    metric_name = "error"
+    success_threshold = 0.001
+    min_T = 10  # the smallest T for which every scaled window is non-empty
+    scored_steps = 1
+    step_correct: Callable[[Tensor, Tensor], Tensor]
+
+    def __init__(self, *, name: str, T: int, seed: int, device: torch.device | str, dtype: torch.dtype,
+                 eval_sequences: int = 2000, eval_batch_size: int = 1000):
+        if not isinstance(T, int) or T < self.min_T:
+            raise ValueError(f"{type(self).__name__} needs an integer T >= {self.min_T}, got T={T!r}")
+        if eval_sequences < 1 or eval_batch_size < 1:
+            raise ValueError(f"eval_sequences and eval_batch_size must be positive, "
+                             f"got {eval_sequences} and {eval_batch_size}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+        self.name, self.T, self.seed = name, T, seed
+        self.device, self.dtype = torch.device(device), dtype
+        self.eval_sequences, self.eval_batch_size = eval_sequences, eval_batch_size
+        self._eval_batches: list[Batch] | None = None
+
+    def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def sample_length(self, generator: torch.Generator) -> int:
+        """One length for a whole batch, uniform on [T, T + T//10)."""
+        return int(torch.randint(self.T, self.T + self.T // 10, (1,), generator=generator, device=self.device))
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        return self.make_batch(batch_size, self.sample_length(generator), generator)
+
+    def train_stream(self) -> GeneratedStream:
+        return GeneratedStream(self.sample_batch, make_generator(self.seed, self.device))
+
+    def eval_batches(self) -> list[Batch]:
+        if self._eval_batches is None:
+            generator = make_generator(self.seed + EVAL_SEED_OFFSET, self.device)
+            full, rest = divmod(self.eval_sequences, self.eval_batch_size)
+            sizes = [self.eval_batch_size] * full + ([rest] if rest else [])
+            self._eval_batches = [self.sample_batch(size, generator) for size in sizes]
+        return self._eval_batches
+
+    def correct(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """(B,) bool: the sequence is right at every one of its last `scored_steps` steps."""
+        expected = (*batch.inputs.shape[:2], self.output_size)
+        if tuple(outputs.shape) != expected:
+            raise ValueError(f"{self.name}: outputs have shape {tuple(outputs.shape)}, expected {expected} "
+                             "(batch, steps, output units)")
+        steps = self.scored_steps
+        return self.step_correct(outputs[:, -steps:], batch.targets[:, -steps:]).all(dim=1)
+
+    def metric_sum(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """The number of sequences that are not correct."""
+        return (~self.correct(outputs, batch)).sum()
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """Integers uniform on [low, high) on the task's device."""
+        return torch.randint(low, high, shape, generator=generator, device=self.device)
+
+
+class MarkedPairTask(PathologicalTask):
+    """Two channels per step: a random value and a marker ∈ {0, 1}. Exactly two steps
+    are marked: the first in [0, 10%) of L, the second in [10%, 50%). The target,
+    scored at the last step only, is `combine(first value, second value)`.
+
+    These are the bounds of Martens & Sutskever (2011); H&S put the first marker
+    in the first 10 steps and the second before T/2, and Sutskever's code uses
+    [1%, 10%) and [10%, 50%).
+    """
+
+    input_size, output_size = 2, 1
+
+    def sample_values(self, batch_size: int, length: int, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def combine(self, first: Tensor, second: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
+        values = self.sample_values(batch_size, length, generator)
+        boundary = first_position_from(10, length)  # positions < L/10 are before it
+        first = self.randint(0, boundary, (batch_size, 1), generator)
+        second = self.randint(boundary, first_position_from(50, length), (batch_size, 1), generator)
+        markers = torch.zeros_like(values).scatter_(1, first, 1.0).scatter_(1, second, 1.0)
+        targets = torch.zeros(batch_size, length, 1, dtype=self.dtype, device=self.device)
+        targets[:, -1, 0] = self.combine(values.gather(1, first), values.gather(1, second)).squeeze(1)
+        return Batch(torch.stack([values, markers], dim=-1), targets,
+                     last_step_mask(batch_size, length, self.dtype, self.device))
+
+
+class Addition(MarkedPairTask):
+    """Values U[0, 1] (H&S used U[−1, 1]); target: the sum of the two marked values.
+    Squared error on a linear output; correct when |prediction − target| < 0.04."""
+
+    loss = SquaredError()
+    step_correct = staticmethod(within_tolerance)
+
+    def sample_values(self, batch_size: int, length: int, generator: torch.Generator) -> Tensor:
+        return torch.rand(batch_size, length, generator=generator, device=self.device, dtype=self.dtype)
+
+    def combine(self, first: Tensor, second: Tensor) -> Tensor:
+        return first + second
+
+
+class Multiplication(Addition):
+    """Values U[0, 1]; target: the product of the two marked values. Criterion as addition."""
+
+    def combine(self, first: Tensor, second: Tensor) -> Tensor:
+        return first * second
+
+
+class Xor(MarkedPairTask):
+    """Values are random bits; target: the XOR of the two marked bits.
+    Sigmoid cross-entropy; correct when the output thresholded at ½ equals the bit."""
+
+    loss = SigmoidCrossEntropy()
+    step_correct = staticmethod(threshold_correct)
+
+    def sample_values(self, batch_size: int, length: int, generator: torch.Generator) -> Tensor:
+        return self.randint(0, 2, (batch_size, length), generator).to(self.dtype)
+
+    def combine(self, first: Tensor, second: Tensor) -> Tensor:
+        return (first != second).to(self.dtype)
+
+
+class TemporalOrder(PathologicalTask):
+    """One-hot over 8 symbols: distractors a, b, c, d; relevant X, Y; start E; end B.
+
+    Step 0 is E and step L−1 is B. One relevant symbol, X or Y with equal
+    probability, sits in each window; at L = 100 the windows are t1 ∈ [10, 20]
+    and t2 ∈ [50, 60] (closed), scaled with L. Every other step is a uniform
+    distractor. The class, scored at the last step with softmax cross-entropy,
+    is the relevant sequence read as a binary number with X = 0, Y = 1 and the
+    first symbol most significant: XX, XY, YX, YY → 0, 1, 2, 3. Correct when
+    the argmax is the class.
+    """
+
+    DISTRACTORS, X, START, END = 4, 4, 6, 7  # a..d = 0..3, X = 4, Y = 5, E = 6, B = 7
+    windows_at_100: tuple[tuple[int, int], ...] = ((10, 20), (50, 60))
+    input_size, output_size = 8, 2 ** len(windows_at_100)
+    loss = SoftmaxCrossEntropy()
+    step_correct = staticmethod(argmax_correct)
+
+    def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
+        symbols = self.randint(0, self.DISTRACTORS, (batch_size, length), generator)
+        symbols[:, 0], symbols[:, -1] = self.START, self.END
+        classes = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        for low, high in self.windows_at_100:
+            position = self.randint(first_position_from(low, length), last_position_upto(high, length) + 1,
+                                    (batch_size, 1), generator)
+            is_y = self.randint(0, 2, (batch_size,), generator)
+            symbols.scatter_(1, position, (self.X + is_y).unsqueeze(1))
+            classes = 2 * classes + is_y
+        targets = torch.zeros(batch_size, length, dtype=torch.long, device=self.device)
+        targets[:, -1] = classes
+        return Batch(one_hot(symbols, self.input_size, self.dtype), targets,
+                     last_step_mask(batch_size, length, self.dtype, self.device))
+
+
+class TemporalOrder3(TemporalOrder):
+    """Temporal order with three relevant symbols in t1 ∈ [10, 20], t2 ∈ [33, 43],
+    t3 ∈ [66, 76] (at L = 100): 8 classes, XXX → 0 … YYY → 7."""
+
+    windows_at_100 = ((10, 20), (33, 43), (66, 76))
+    output_size = 2 ** len(windows_at_100)
+
+
+class RandomPermutation(PathologicalTask):
+    """One-hot over 100 symbols. A sequence of L + 1 symbols s_0 … s_L has s_0 ∈ {0, 1},
+    s_1 … s_{L−1} uniform on the other 98 symbols, and s_L = s_0. The input at step
+    t is s_t and the target is the next symbol s_{t+1}.
+
+    As in Sutskever's code the loss (softmax cross-entropy) covers every step,
+    although only the last target, which repeats the first symbol, is
+    predictable; the middle steps contribute at least log 98 each. The 0-1 error
+    scores only the last step (argmax = s_0).
+    """
+
+    SYMBOLS = 100
+    input_size = output_size = SYMBOLS
+    loss = SoftmaxCrossEntropy()
+    step_correct = staticmethod(argmax_correct)
+
+    def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
+        first = self.randint(0, 2, (batch_size, 1), generator)
+        middle = self.randint(2, self.SYMBOLS, (batch_size, length - 1), generator)
+        symbols = torch.cat([first, middle, first], dim=1)
+        mask = torch.ones(batch_size, length, dtype=self.dtype, device=self.device)
+        return Batch(one_hot(symbols[:, :-1], self.SYMBOLS, self.dtype), symbols[:, 1:], mask)
+
+
+class NoiselessMemorization(PathologicalTask):
+    """K symbols, each uniform on V values, are shown one per step at steps 0 … K−1;
+    then come D ∈ [T, T + T//10) steps of a constant blank input, so L = K + D.
+    The blank at step L−K−1, just before the answer window (M&S 2011: "a special
+    input in the 5th timestep before the end"), is replaced by a "go" cue.
+
+    Inputs are one-hot over V + 2 symbols (values, blank = V, go = V + 1).
+    Targets are one of V + 1 classes (values, blank = V): blank at every step
+    except the last K, which must reproduce the K symbols in order. The loss is
+    softmax cross-entropy at every step (mask all ones); a sequence is correct
+    when the argmax is right at every one of the last K steps.
+    """
+
+    memory_length = 5  # K
+    symbol_values = 2  # V
+    input_size, output_size = symbol_values + 2, symbol_values + 1
+    loss = SoftmaxCrossEntropy()
+    step_correct = staticmethod(argmax_correct)
+
+    @property
+    def scored_steps(self) -> int:
+        return self.memory_length
+
+    def sample_length(self, generator: torch.Generator) -> int:
+        return self.memory_length + super().sample_length(generator)
+
+    def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
+        memory, blank = self.memory_length, self.symbol_values
+        data = self.randint(0, self.symbol_values, (batch_size, memory), generator)
+        symbols = torch.full((batch_size, length), blank, dtype=torch.long, device=self.device)
+        symbols[:, :memory] = data
+        symbols[:, length - memory - 1] = blank + 1  # the go cue
+        targets = torch.full((batch_size, length), blank, dtype=torch.long, device=self.device)
+        targets[:, -memory:] = data
+        mask = torch.ones(batch_size, length, dtype=self.dtype, device=self.device)
+        return Batch(one_hot(symbols, self.input_size, self.dtype), targets, mask)
+
+
+class Memorization5(NoiselessMemorization):
+    """5 bits (K = 5, V = 2): 4 input symbols, 3 output classes."""
+
+
+class Memorization20(NoiselessMemorization):
+    """10 symbols from 5 values (K = 10, V = 5, about 23 bits): 7 input symbols, 6 output classes."""
+
+    memory_length, symbol_values = 10, 5
+    input_size, output_size = symbol_values + 2, symbol_values + 1
+    min_T = memory_length + 1  # the go cue must fall after the data

@@ -1,0 +1,361 @@
+"""Curvature-vector products against dense float64 matrices built without hfrun.curvature.
+
+References: full Jacobians by torch.autograd.functional.jacobian over a flat
+parameter vector, loss Hessians by torch.autograd.functional.hessian, and the
+RNN's pre-activations by a hand-written recurrence.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.autograd.functional import hessian, jacobian
+from torch.func import functional_call, jvp
+
+from hfrun import curvature
+from hfrun.curvature import JV_METHODS, CurvatureOperator, ParamSpec, martens_preconditioner, per_case_gradient_squares
+from hfrun.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError
+from hfrun.tasks.base import Batch
+
+LOSSES = {"mse": SquaredError(), "softmax_ce": SoftmaxCrossEntropy(), "sigmoid_ce": SigmoidCrossEntropy()}
+CASES, STEPS, INPUTS, HIDDEN, OUTPUTS = 3, 5, 3, 4, 2
+
+
+class TinyRNN(nn.Module):
+    """tanh RNN with a readout at every step, exposing its hidden pre-activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(INPUTS, HIDDEN, batch_first=True)
+        self.readout = nn.Linear(HIDDEN, OUTPUTS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.readout(self.rnn(x)[0])
+
+    def forward_with_preactivations(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = self.rnn(x)[0]
+        previous = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+        rnn = self.rnn
+        a = x @ rnn.weight_ih_l0.T + rnn.bias_ih_l0 + previous @ rnn.weight_hh_l0.T + rnn.bias_hh_l0
+        return self.readout(hidden), a
+
+
+class TinyLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(INPUTS, HIDDEN, batch_first=True)
+        self.readout = nn.Linear(HIDDEN, OUTPUTS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.readout(self.lstm(x)[0][:, -1])
+
+
+def tiny_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(INPUTS, 5), nn.Tanh(), nn.Linear(5, OUTPUTS))
+
+
+def targets_for(loss_name: str, shape: tuple[int, ...]) -> Tensor:
+    if loss_name == "mse":
+        return torch.randn(shape, dtype=torch.float64)
+    if loss_name == "softmax_ce":
+        return torch.randint(0, shape[-1], shape[:-1])
+    return torch.rand(shape, dtype=torch.float64)
+
+
+def mlp_problem(loss_name: str) -> tuple[nn.Module, Batch]:
+    model = tiny_mlp().double()
+    inputs = torch.randn(CASES + 1, INPUTS, dtype=torch.float64)
+    return model, Batch(inputs, targets_for(loss_name, (CASES + 1, OUTPUTS)))
+
+
+def rnn_problem(loss_name: str, model_class=TinyRNN) -> tuple[nn.Module, Batch]:
+    """A sequence batch whose (B, T) mask scores some positions only."""
+    model = model_class().double()
+    inputs = torch.randn(CASES, STEPS, INPUTS, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 0, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.float64)
+    return model, Batch(inputs, targets_for(loss_name, (CASES, STEPS, OUTPUTS)), mask)
+
+
+# ---------------------------------------------------------------- dense references
+
+
+def flat_parameters(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def parameter_dict(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
+    params, offset = {}, 0
+    for name, p in model.named_parameters():
+        params[name] = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return params
+
+
+def outputs_at(model: nn.Module, flat: Tensor, x: Tensor) -> Tensor:
+    return functional_call(model, parameter_dict(model, flat), (x,))
+
+
+def rnn_by_hand(model: TinyRNN, flat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(z, a) of TinyRNN from its recurrence a_t = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh, h_t = tanh(a_t)."""
+    p = parameter_dict(model, flat)
+    hidden, outputs, preactivations = x.new_zeros(x.shape[0], HIDDEN), [], []
+    for step in range(x.shape[1]):
+        a = x[:, step] @ p["rnn.weight_ih_l0"].T + p["rnn.bias_ih_l0"] + hidden @ p["rnn.weight_hh_l0"].T + p["rnn.bias_hh_l0"]
+        hidden = torch.tanh(a)
+        preactivations.append(a)
+        outputs.append(hidden @ p["readout.weight"].T + p["readout.bias"])
+    return torch.stack(outputs, 1), torch.stack(preactivations, 1)
+
+
+def dense_ggn(model: nn.Module, loss, batch: Batch) -> Tensor:
+    """Jᵀ H_L J with J the full Jacobian of the outputs and H_L the Hessian of the loss in the outputs."""
+    theta = flat_parameters(model)
+    z = outputs_at(model, theta, batch.inputs)
+    J = jacobian(lambda t: outputs_at(model, t, batch.inputs).reshape(-1), theta)
+    H_L = hessian(lambda flat_z: loss(flat_z.view(z.shape), batch.targets, batch.mask), z.detach().reshape(-1))
+    return J.T @ H_L @ J
+
+
+def dense_hessian(model: nn.Module, loss, batch: Batch) -> Tensor:
+    return hessian(lambda t: loss(outputs_at(model, t, batch.inputs), batch.targets, batch.mask),
+                   flat_parameters(model))
+
+
+def dense_structural_ggn(model: TinyRNN, batch: Batch) -> Tensor:
+    """J_aᵀ diag(1 − tanh(a)²)/B J_a for the hidden pre-activations a."""
+    theta = flat_parameters(model)
+    a = rnn_by_hand(model, theta, batch.inputs)[1]
+    J_a = jacobian(lambda t: rnn_by_hand(model, t, batch.inputs)[1].reshape(-1), theta)
+    H_S = torch.diag((1 - torch.tanh(a).square()).reshape(-1) / batch.size)
+    return J_a.T @ H_S @ J_a
+
+
+def operator_matrix(operator: CurvatureOperator) -> Tensor:
+    """The dense matrix of `operator.mv`, column by column."""
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    return torch.stack([operator.mv(column) for column in identity], dim=1)
+
+
+def assert_close_matrices(actual: Tensor, expected: Tensor, rtol: float = 1e-9) -> None:
+    scale = expected.abs().max().clamp_min(1e-300)
+    assert (actual - expected).abs().max() <= rtol * scale, f"max error {(actual - expected).abs().max():.3e}, scale {scale:.3e}"
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_reference_recurrence_matches_the_model():
+    model, batch = rnn_problem("mse")
+    z, a = model.forward_with_preactivations(batch.inputs)
+    z_ref, a_ref = rnn_by_hand(model, flat_parameters(model), batch.inputs)
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(a, a_ref)
+
+
+def test_param_spec_round_trip_uses_views():
+    model = tiny_mlp().double()
+    spec = ParamSpec.from_module(model)
+    flat = torch.randn(spec.num_params, dtype=torch.float64)
+    params = spec.unflatten(flat)
+    assert list(params) == [name for name, _ in model.named_parameters()]
+    assert all(params[name].shape == p.shape for name, p in model.named_parameters())
+    params["0.weight"][0, 0] = 42.0  # a view writes through to the flat vector
+    assert flat[0] == 42.0
+    torch.testing.assert_close(spec.flatten(params), flat, rtol=0, atol=0)
+    torch.testing.assert_close(spec.flatten(list(params.values())), flat, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="flat vector"):
+        spec.unflatten(flat[:-1])
+
+
+def test_param_spec_skips_frozen_parameters():
+    model = tiny_mlp().double()
+    model[0].bias.requires_grad_(False)
+    spec = ParamSpec.from_module(model)
+    assert "0.bias" not in spec.names
+    assert spec.num_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("jv_method", JV_METHODS)
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem], ids=["mlp", "rnn_masked"])
+def test_ggn_product_matches_dense_ggn(problem, loss_name, jv_method):
+    torch.manual_seed(0)
+    model, batch = problem(loss_name)
+    loss = LOSSES[loss_name]
+    operator = CurvatureOperator(model, loss, batch, jv_method=jv_method)
+    assert_close_matrices(operator_matrix(operator), dense_ggn(model, loss, batch))
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_ggn_is_symmetric_and_positive_semidefinite(loss_name):
+    torch.manual_seed(1)
+    model, batch = rnn_problem(loss_name)
+    operator = CurvatureOperator(model, LOSSES[loss_name], batch)
+    u, v = torch.randn(2, operator.num_params, dtype=torch.float64)
+    torch.testing.assert_close(u @ operator.mv(v), v @ operator.mv(u))
+    matrix = operator_matrix(operator)
+    assert torch.linalg.eigvalsh((matrix + matrix.T) / 2).min() >= -1e-10
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem], ids=["mlp", "rnn_masked"])
+def test_hessian_product_matches_dense_hessian(problem, loss_name):
+    torch.manual_seed(2)
+    model, batch = problem(loss_name)
+    loss = LOSSES[loss_name]
+    operator = CurvatureOperator(model, loss, batch, curvature="hessian")
+    assert_close_matrices(operator_matrix(operator), dense_hessian(model, loss, batch))
+
+
+def test_damping_adds_lambda_times_v_and_can_change():
+    torch.manual_seed(3)
+    model, batch = mlp_problem("softmax_ce")
+    operator = CurvatureOperator(model, LOSSES["softmax_ce"], batch, damping=0.7)
+    undamped = dense_ggn(model, LOSSES["softmax_ce"], batch)
+    v = torch.randn(operator.num_params, dtype=torch.float64)
+    torch.testing.assert_close(operator.mv(v), undamped @ v + 0.7 * v)
+    operator.damping = 3.0
+    torch.testing.assert_close(operator.mv(v), undamped @ v + 3.0 * v)
+
+
+@pytest.mark.parametrize("jv_method", JV_METHODS)
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem], ids=["mlp", "rnn_masked"])
+def test_gradient_and_loss_value_match_autograd(problem, loss_name, jv_method):
+    torch.manual_seed(4)
+    model, batch = problem(loss_name)
+    loss = LOSSES[loss_name]
+    value = loss(model(batch.inputs), batch.targets, batch.mask)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(model.parameters()))])
+    operator = CurvatureOperator(model, loss, batch, structural_damping=0.1, jv_method=jv_method)
+    torch.testing.assert_close(operator.gradient(), expected)
+    operator.gradient().zero_()  # callers get a copy
+    torch.testing.assert_close(operator.gradient(), expected)
+    assert operator.loss_value == pytest.approx(value.detach().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("curvature_name, jv_method", [("ggn", "jvp"), ("ggn", "double_vjp"), ("hessian", "jvp")])
+def test_structural_damping_matches_its_dense_definition(curvature_name, jv_method):
+    torch.manual_seed(5)
+    model, batch = rnn_problem("softmax_ce")
+    loss, damping, mu = LOSSES["softmax_ce"], 0.5, 0.3
+    operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu,
+                                 curvature=curvature_name, jv_method=jv_method)
+    curvature_matrix = dense_ggn(model, loss, batch) if curvature_name == "ggn" else dense_hessian(model, loss, batch)
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    expected = curvature_matrix + damping * identity + mu * damping * dense_structural_ggn(model, batch)
+    assert operator.structural_damping == mu
+    assert_close_matrices(operator_matrix(operator), expected)
+
+
+def test_structural_damping_is_ignored_without_preactivations(monkeypatch, caplog):
+    monkeypatch.setattr(curvature, "_ALREADY_LOGGED", set())
+    torch.manual_seed(6)
+    model, batch = mlp_problem("mse")
+    with caplog.at_level(logging.INFO, logger="hfrun.curvature"):
+        operator = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.5, structural_damping=0.3)
+    assert operator.structural_damping == 0.0
+    assert "structural_damping=0.3 is ignored" in caplog.text
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    assert_close_matrices(operator_matrix(operator), dense_ggn(model, LOSSES["mse"], batch) + 0.5 * identity)
+
+
+def test_rejects_unknown_options():
+    model, batch = mlp_problem("mse")
+    with pytest.raises(ValueError, match="curvature='fisher' is unknown"):
+        CurvatureOperator(model, LOSSES["mse"], batch, curvature="fisher")
+    with pytest.raises(ValueError, match="jv_method='finite_differences' is unknown"):
+        CurvatureOperator(model, LOSSES["mse"], batch, jv_method="finite_differences")
+    with pytest.raises(ValueError, match="structural_damping must be >= 0"):
+        CurvatureOperator(model, LOSSES["mse"], batch, structural_damping=-1.0)
+
+
+def per_case_squares_by_loop(model: nn.Module, loss, batch: Batch) -> Tensor:
+    """Σ_i g_i² with g_i = ∇ℓ_i / B, from one autograd call per case."""
+    squares = 0
+    for case in range(batch.size):
+        mask = None if batch.mask is None else batch.mask[case : case + 1]
+        value = loss(model(batch.inputs[case : case + 1]), batch.targets[case : case + 1], mask) / batch.size
+        squares = squares + torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(model.parameters()))]).square()
+    return squares
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem], ids=["mlp_vmap", "rnn_loop_fallback"])
+def test_per_case_gradient_squares_match_a_loop_over_cases(problem, loss_name):
+    torch.manual_seed(7)
+    model, batch = problem(loss_name)
+    loss = LOSSES[loss_name]
+    torch.testing.assert_close(per_case_gradient_squares(model, loss, batch), per_case_squares_by_loop(model, loss, batch))
+
+
+def test_per_case_gradient_squares_in_chunks(monkeypatch):
+    torch.manual_seed(8)
+    model, batch = mlp_problem("softmax_ce")
+    monkeypatch.setattr(curvature, "PER_CASE_GRADIENT_ELEMENTS", 1)  # one case per vmap call
+    expected = per_case_squares_by_loop(model, LOSSES["softmax_ce"], batch)
+    torch.testing.assert_close(per_case_gradient_squares(model, LOSSES["softmax_ce"], batch), expected)
+
+
+def test_martens_preconditioner_closed_form():
+    squares = torch.tensor([0.0, 1.0, 15.0], dtype=torch.float64)
+    torch.testing.assert_close(martens_preconditioner(squares, 1.0),
+                               torch.tensor([1.0, 2.0 ** 0.75, 8.0], dtype=torch.float64))
+    torch.testing.assert_close(martens_preconditioner(squares, 1.0, exponent=1.0), squares + 1.0)
+
+
+@pytest.mark.parametrize("jv_method", JV_METHODS)
+def test_lstm_float64_matches_dense_ggn(jv_method):
+    torch.manual_seed(9)
+    model, batch = lstm_problem()
+    operator = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.2, jv_method=jv_method)
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    assert_close_matrices(operator_matrix(operator), dense_ggn(model, LOSSES["mse"], batch) + 0.2 * identity)
+
+
+def lstm_problem(dtype=torch.float64) -> tuple[nn.Module, Batch]:
+    model = TinyLSTM().to(dtype)
+    inputs = torch.randn(CASES, STEPS, INPUTS, dtype=dtype)
+    return model, Batch(inputs, torch.randn(CASES, OUTPUTS, dtype=dtype))
+
+
+def forward_mode_fails(model: nn.Module, x: Tensor) -> bool:
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    tangents = {name: torch.zeros_like(p) for name, p in params.items()}
+    try:
+        jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangents,))
+    except NotImplementedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("curvature_name, jv_method", [("ggn", "jvp"), ("hessian", "jvp"), ("ggn", "double_vjp")])
+def test_float32_lstm_products_match_dense_float64(monkeypatch, caplog, curvature_name, jv_method):
+    """On the CPU a float32 nn.LSTM runs oneDNN's kernel, which has no forward-mode AD:
+    forward-mode products must fall back to the native kernels; double_vjp needs no fallback."""
+    monkeypatch.setattr(curvature, "_ALREADY_LOGGED", set())
+    torch.manual_seed(10)
+    model, batch = lstm_problem(torch.float32)
+    needs_fallback = forward_mode_fails(model, batch.inputs) and (curvature_name, jv_method) != ("ggn", "double_vjp")
+    model64 = copy.deepcopy(model).double()
+    batch64 = Batch(batch.inputs.double(), batch.targets.double())
+    dense = dense_ggn if curvature_name == "ggn" else dense_hessian
+    expected = dense(model64, LOSSES["mse"], batch64) + 0.2 * torch.eye(flat_parameters(model).numel(), dtype=torch.float64)
+
+    with caplog.at_level(logging.WARNING, logger="hfrun.curvature"):
+        operator = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.2, curvature=curvature_name,
+                                     jv_method=jv_method)
+        identity = torch.eye(operator.num_params, dtype=torch.float32)
+        actual = torch.stack([operator.mv(column) for column in identity], dim=1).double()
+    assert_close_matrices(actual, expected, rtol=1e-5)
+    fell_back = "lacks a derivative that curvature products need" in caplog.text
+    assert fell_back == needs_fallback
+    assert (model in curvature._MODELS_WITHOUT_FUSED_FORWARD_AD) == needs_fallback
+    # A later operator on the same model goes straight to the native kernels and stays correct.
+    again = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.2, curvature=curvature_name, jv_method=jv_method)
+    assert (again._context is curvature._fused_kernels_off) == needs_fallback
+    v = torch.randn(again.num_params)
+    torch.testing.assert_close(again.mv(v).double(), expected @ v.double(), rtol=1e-5, atol=1e-5)
