@@ -21,7 +21,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 run: $(STAMP)
-	$(BIN)/hfrun solver=adam task=linreg run.max_updates=2000
+	$(BIN)/hfrun solver=hf task=addition_T30 run.max_seconds=60
 
 bench: $(STAMP)
 	$(BIN)/python -m hfrun.bench
