@@ -41,6 +41,7 @@ class Workload:
     model: nn.Module
     loss: Callable
     batch: Batch
+    jv_method: str = "jvp"
 
 
 class FixedBatch:
@@ -61,10 +62,15 @@ def workloads(device: torch.device, scale: float) -> list[Workload]:
     mask = torch.zeros(n(1000), 100, device=device)
     mask[:, -1] = 1
     rnn_batch = Batch(rnn_inputs, torch.randn(n(1000), 100, 1, device=device), mask)
+    mlp = MLP(784, 10, [256, 256]).to(device)
+    autoencoder = Autoencoder(784).to(device)
+    image_batch = Batch(images, (images > 0.5).float())
     return [
-        Workload("MLP 784-256-256-10, B5000", MLP(784, 10, [256, 256]).to(device), SoftmaxCrossEntropy(), mlp_batch),
-        Workload("autoencoder 784-1000-500-250-30, B1000", Autoencoder(784).to(device), SigmoidCrossEntropy(),
-                 Batch(images, (images > 0.5).float())),
+        Workload("MLP 784-256-256-10, B5000 (jvp)", mlp, SoftmaxCrossEntropy(), mlp_batch),
+        Workload("MLP 784-256-256-10, B5000 (double_vjp)", mlp, SoftmaxCrossEntropy(), mlp_batch, "double_vjp"),
+        Workload("autoencoder 784-…-30-…-784, B1000 (jvp)", autoencoder, SigmoidCrossEntropy(), image_batch),
+        Workload("autoencoder 784-…-30-…-784, B1000 (double_vjp)", autoencoder, SigmoidCrossEntropy(), image_batch,
+                 "double_vjp"),
         Workload("tanh RNN-100 T100 B1000 (nn.RNN)", RNN(2, 1, impl="fused").to(device), SquaredError(), rnn_batch),
         Workload("tanh RNN-100 T100 B1000 (loop)", RNN(2, 1, impl="loop").to(device), SquaredError(), rnn_batch),
     ]
@@ -94,7 +100,7 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
     def gradient():
         return torch.autograd.grad(loss(model(batch.inputs), batch.targets, batch.mask), params)
 
-    operator = CurvatureOperator(model, loss, batch, damping=1.0)
+    operator = CurvatureOperator(model, loss, batch, damping=1.0, jv_method=workload.jv_method)
     vector = torch.randn(operator.num_params, device=device)
     g = torch.randn(operator.num_params, device=device)
     cg_iters = 10
@@ -103,7 +109,7 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
         return conjugate_gradient(operator.mv, g, max_iters=cg_iters, tol=0.0)
 
     solver = HessianFree(model, loss, gradient_batch_size=batch.size, cg_max_iters=HF_CG_ITERS, cg_tol=0.0,
-                         preconditioner="none")
+                         preconditioner="none", jv_method=workload.jv_method)
     stream = FixedBatch(batch)
     grad_ms = median_ms(gradient, device, repeats)
     gvp_ms = median_ms(lambda: operator.mv(vector), device, repeats)

@@ -117,6 +117,19 @@ def test_hf_beats_tuned_sgd_and_adam_on_nonlinear_regression():
     assert hf < min(finite.values()), (hf, first_order)
 
 
+@pytest.mark.parametrize("jv_method", ["jvp", "double_vjp"])
+def test_both_jv_methods_reach_the_same_least_squares_optimum(jv_method):
+    task = LinearRegression(name="linreg", seed=0, device="cpu", dtype=torch.float64)
+    model = MLP(10, 1, []).double()
+    solver = HessianFree(model, task.loss, gradient_batch_size=2000, jv_method=jv_method, **EXACT)
+    stream = task.train_stream()
+    for _ in range(10):
+        solver.step(stream)
+    weight, bias = task.optimum()
+    optimum = torch.cat([weight.reshape(-1), bias])
+    assert torch.linalg.norm(_linear_params(model) - optimum) / torch.linalg.norm(optimum) < 1e-6
+
+
 def test_hessian_curvature_runs_and_decreases_the_loss():
     losses = []
     torch.manual_seed(1)
@@ -144,6 +157,7 @@ def test_state_dict_round_trip_keeps_damping_and_warm_start():
     ({"preconditioner": "jacobi"}, "solver.preconditioner"),
     ({"initial_damping": -1.0}, "solver.initial_damping"),
     ({"cg_max_iters": 0}, "solver.cg_max_iters"),
+    ({"jv_method": "finite_differences"}, "solver.jv_method"),
 ])
 def test_bad_settings_are_rejected(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):

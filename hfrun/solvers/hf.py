@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hfrun.curvature import CurvatureOperator, ParamSpec, martens_preconditioner, per_case_gradient_squares
+from hfrun.curvature import JV_METHODS, CurvatureOperator, ParamSpec, martens_preconditioner, per_case_gradient_squares
 from hfrun.solvers.cg import conjugate_gradient
 
 CURVATURES = ("ggn", "hessian")
@@ -52,12 +52,14 @@ class HessianFree:
     """
 
     def __init__(self, model: nn.Module, loss, *, gradient_batch_size: int, curvature_batch_size: int | None = None,
-                 backtrack_batch_size: int | None = None, curvature: str = "ggn", initial_damping: float = 1.0,
+                 backtrack_batch_size: int | None = None, curvature: str = "ggn", jv_method: str = "jvp",
+                 initial_damping: float = 1.0,
                  structural_damping: float = 0.0, cg_max_iters: int = 250,
                  cg_tol: float = 5e-4, cg_decay: float = 0.95, preconditioner: str = "none",
                  preconditioner_exponent: float = 0.75, weight_cost: float = 0.0, damping_min: float = 1e-8,
                  line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60):
         _check(curvature in CURVATURES, f"solver.curvature must be one of {CURVATURES}, got {curvature!r}")
+        _check(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
         _check(preconditioner in PRECONDITIONERS,
                f"solver.preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
         for name, value in (("gradient_batch_size", gradient_batch_size), ("cg_max_iters", cg_max_iters)):
@@ -70,7 +72,7 @@ class HessianFree:
         self.gradient_batch_size = int(gradient_batch_size)
         self.curvature_batch_size = int(curvature_batch_size or gradient_batch_size)
         self.backtrack_batch_size = int(backtrack_batch_size or 0)  # 0: backtrack on the gradient batch
-        self.curvature, self.structural_damping = curvature, float(structural_damping)
+        self.curvature, self.jv_method, self.structural_damping = curvature, jv_method, float(structural_damping)
         self.cg_max_iters, self.cg_tol = int(cg_max_iters), float(cg_tol)
         self.cg_decay, self.weight_cost, self.damping_min = float(cg_decay), float(weight_cost), float(damping_min)
         self.preconditioner, self.preconditioner_exponent = preconditioner, float(preconditioner_exponent)
@@ -113,7 +115,8 @@ class HessianFree:
         curvature_batch = _first(gradient_batch, self.curvature_batch_size)
         loss_before, gradient = self._gradient(theta, gradient_batch)
         operator = CurvatureOperator(self.model, self.loss, curvature_batch, damping=self.damping,
-                                     structural_damping=self.structural_damping, curvature=self.curvature)
+                                     structural_damping=self.structural_damping, curvature=self.curvature,
+                                     jv_method=self.jv_method)
         preconditioner = None
         if self.preconditioner == "martens":
             squares = per_case_gradient_squares(self.model, self.loss, curvature_batch)
