@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> float:
         print_error(str(error))
         if single_run:
             sys.exit(1)
-        raise
+        return math.inf  # let the rest of a sweep go on
     console.print(f"run directory: [bold]{run_dir}[/]")
     if summary["status"] == "diverged":
         print_error(summary["message"])

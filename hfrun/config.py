@@ -13,6 +13,12 @@ def _run_dir(resume, default):
     return str(resume) if resume not in (None, "", "null") else default
 
 
+def _hydra_subdir(resume, stamp):
+    """Hydra's own record of the command; a resume keeps the original run's `.hydra` and adds its own."""
+    return ".hydra" if resume in (None, "", "null") else f".hydra/resume_{stamp}"
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("hfrun_run_dir"):
-        OmegaConf.register_new_resolver("hfrun_run_dir", _run_dir)
+    for name, resolver in (("hfrun_run_dir", _run_dir), ("hfrun_hydra_subdir", _hydra_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Config groups that must match between a run and its resumption (budgets may change).
-RESUME_MUST_MATCH = ("task", "model", "solver", "seed")
+RESUME_MUST_MATCH = ("task", "model", "solver", "seed", "run.dtype", "run.flush_denormal")
 # Minibatch unit of M&S 2011's table: 1000 sequences through a gradient or a curvature product.
 PUBLISHED_MINIBATCH = 1000
 
@@ -62,8 +62,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_run_config(run: DictConfig) -> None:
-    """Check types and ranges of the `run` group; name the bad key and how to fix it."""
+def validate_run_config(cfg: DictConfig) -> None:
+    """Check types and ranges of `seed` and the `run` group; name the bad key and how to fix it."""
+    _require(_is_int(cfg.seed), f"seed must be an integer, got {cfg.seed!r}. Example: seed=3.")
+    run = cfg.run
+    min_delta = run.early_stop.min_delta
+    _require(isinstance(min_delta, (int, float)) and not isinstance(min_delta, bool) and min_delta >= 0,
+             f"run.early_stop.min_delta must be a number >= 0, got {min_delta!r}.")
+    _require(run.resume is None or isinstance(run.resume, str),
+             f"run.resume must be a run directory or null, got {run.resume!r}.")
     for key in ("max_updates", "eval_every", "checkpoint_every"):
         value = run[key]
         _require(_is_int(value) and value >= 1,
@@ -140,17 +147,25 @@ def set_rng_state(state: dict) -> None:
 
 
 def _plain(cfg: DictConfig, key: str):
-    value = cfg[key]
+    value = OmegaConf.select(cfg, key)
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def _differences(saved, current, prefix: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for key in sorted(set(saved) | set(current))
+                for line in _differences(saved.get(key), current.get(key), f"{prefix}.{key}")]
+    return [] if saved == current else [f"{prefix}={saved!r} in the run, {current!r} now"]
 
 
 def check_resume_matches(saved_yaml: str, cfg: DictConfig, path: Path) -> None:
     saved = OmegaConf.create(saved_yaml)
-    for key in RESUME_MUST_MATCH:
-        if _plain(saved, key) != _plain(cfg, key):
-            raise HfrunError(f"The run in {path} was started with a different {key!r} config than this command. "
-                             f"Resume with the same task, model, solver and seed overrides as the original run "
-                             f"(its config is in {path}/.hydra/config.yaml); only run.* budgets may change.")
+    differences = [line for key in RESUME_MUST_MATCH for line in _differences(_plain(saved, key), _plain(cfg, key), key)]
+    if differences:
+        raise HfrunError(f"The run in {path} was started with a different config than this command: "
+                         f"{'; '.join(differences)}. Resume with the original task, model, solver, seed, dtype "
+                         "and flush_denormal (the checkpoint holds them); only budgets such as run.max_updates "
+                         "may change.")
 
 
 # ---------------------------------------------------------------- the loop
@@ -187,7 +202,7 @@ def _parameters_finite(model: torch.nn.Module) -> bool:
 
 class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path):
-        validate_run_config(cfg.run)
+        validate_run_config(cfg)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = resolve_device(cfg.run.device)
         self.dtype = DTYPES[cfg.run.dtype]
@@ -269,12 +284,17 @@ class Run:
                 if p.update >= cfg.run.max_updates:
                     status = "budget"
                 while status is None:
-                    stats = self.solver.step(self.stream)
+                    try:
+                        stats = self.solver.step(self.stream)
+                    except FloatingPointError as error:  # e.g. CG met a NaN curvature product
+                        stats = {"loss": math.nan, "error": str(error)}
                     if not math.isfinite(stats["loss"]) or not _parameters_finite(self.model):
                         status = "diverged"
-                        message = (f"The training loss became {stats['loss']} at update {p.update + 1}: the run "
-                                   "diverged. No checkpoint was written for it; last.pt and best.pt hold the last "
-                                   "finite state. Lower the learning rate or raise the damping and start again.")
+                        detail = f" ({stats['error']})" if "error" in stats else ""
+                        message = (f"The training loss became {stats['loss']} at update {p.update + 1}{detail}: the "
+                                   "run diverged. No checkpoint was written for it; last.pt and best.pt, where "
+                                   "written, hold the last finite state. Lower the learning rate or raise the "
+                                   "damping and start again.")
                         break
                     p.update += 1
                     p.examples_grad += int(stats["examples_grad"])
@@ -295,8 +315,18 @@ class Run:
                         status = "interrupted"
                     if status is not None or p.update % cfg.run.checkpoint_every == 0:
                         save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
+        except KeyboardInterrupt:
+            status = "interrupted"
+            message = (f"Aborted by a second Ctrl-C during update {p.update + 1}; checkpoints/last.pt holds the "
+                       "last checkpointed update, from which run.resume continues.")
+        except Exception as error:
+            self._write_summary("error", f"{type(error).__name__}: {error}")
+            raise
         finally:
             logger.close()
+        return self._write_summary(status, message)
+
+    def _write_summary(self, status: str, message: str | None) -> dict:
         summary = self._summary(status, message)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

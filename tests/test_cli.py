@@ -30,6 +30,9 @@ def test_resume_continues_in_the_same_directory(tmp_path):
                       cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "Resumed from update 20" in (run_dir / "run.log").read_text()
+    # The original command's record stays; the resume adds its own beside it.
+    assert "run.resume" not in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert len(list((run_dir / ".hydra").glob("resume_*/overrides.yaml"))) == 1
     assert json.loads((run_dir / "summary.json").read_text())["updates"] == 40
 
 

@@ -17,7 +17,8 @@ from hfrun.errors import HfrunError
 SUMMARY_KEYS = {"task", "solver", "seed", "status", "updates", "examples_grad", "examples_curv", "wall_time_s",
                 "final_train_loss", "best_train_loss", "final_val_loss", "best_val_loss", "final_val_mse",
                 "best_val_mse", "best_update", "minibatches"}
-FAST = ["solver.lr=0.01", "run.max_updates=60", "run.eval_every=10", "run.checkpoint_every=20"]
+FAST_RUN = ["run.max_updates=60", "run.eval_every=10", "run.checkpoint_every=20"]
+FAST = ["solver.lr=0.01", *FAST_RUN]
 
 
 def test_run_directory_and_summary(make_config, tmp_path):
@@ -51,9 +52,13 @@ def _without_timing(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("wall_time_s", "run_dir", "status")}
 
 
-@pytest.mark.parametrize("solver", ["sgd", "adam"])
-def test_resume_equals_uninterrupted(make_config, tmp_path, solver):
-    overrides = [f"solver={solver}", *FAST, "run.early_stop.patience=50"]
+HF_SMALL = ["model=mlp", "model.hidden_sizes=[8]", "solver.gradient_batch_size=500", "solver.cg_max_iters=20"]
+
+
+@pytest.mark.parametrize("solver,extra", [("sgd", ["solver.lr=0.01"]), ("adam", ["solver.lr=0.01"]),
+                                          ("hf", HF_SMALL)])
+def test_resume_equals_uninterrupted(make_config, tmp_path, solver, extra):
+    overrides = [f"solver={solver}", *FAST_RUN, *extra, "run.early_stop.patience=50"]
     straight = Run(make_config(*overrides), tmp_path / "straight")
     expected = straight.train()
 
@@ -64,6 +69,9 @@ def test_resume_equals_uninterrupted(make_config, tmp_path, solver):
     assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["progress"]["update"] == 33
 
     resumed_run = Run(make_config(*overrides, f"run.resume={tmp_path / 'stopped'}"), tmp_path / "stopped")
+    if solver == "hf":  # λ and the CG warm start come back from the checkpoint
+        assert resumed_run.solver.damping == first.solver.damping
+        assert torch.equal(resumed_run.solver.warm_start, first.solver.warm_start)
     resumed = resumed_run.train()
     assert _without_timing(resumed) == _without_timing(expected)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed_run.model.state_dict().items()):
@@ -101,7 +109,40 @@ def test_nan_loss_is_diverged_and_leaves_no_nan_checkpoint(make_config, tmp_path
     assert state["progress"]["update"] < 100
 
 
+def test_hf_with_nan_loss_is_diverged(make_config, tmp_path):
+    run = Run(make_config("solver=hf", *HF_SMALL, "run.max_updates=10", "run.checkpoint_every=1"), tmp_path)
+    step = run.solver.step
+
+    def poisoned_step(stream):
+        if run.progress.update == 3:
+            with torch.no_grad():
+                next(run.model.parameters()).view(-1)[0] = math.nan
+        return step(stream)
+
+    run.solver.step = poisoned_step
+    summary = run.train()
+    assert summary["status"] == "diverged" and summary["updates"] == 3
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["progress"]["update"] == 3
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_an_unexpected_error_still_leaves_a_summary(make_config, tmp_path):
+    run = Run(make_config(*FAST), tmp_path)
+
+    def broken_step(stream):
+        raise RuntimeError("out of memory, say")
+
+    run.solver.step = broken_step
+    with pytest.raises(RuntimeError):
+        run.train()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "error" and "out of memory" in summary["message"]
+
+
 @pytest.mark.parametrize("override,fragment", [
+    ("seed=abc", "seed must be an integer"),
+    ("run.early_stop.min_delta=abc", "run.early_stop.min_delta must be a number"),
     ("run.max_updates=abc", "run.max_updates must be a positive integer"),
     ("run.eval_every=0", "run.eval_every must be a positive integer"),
     ("run.device=tpu", "run.device must be auto, cpu or cuda"),
@@ -128,8 +169,10 @@ def test_resume_from_corrupt_checkpoint(make_config, tmp_path):
 
 def test_resume_with_other_solver_is_refused(make_config, tmp_path):
     Run(make_config(*FAST), tmp_path).train()
-    with pytest.raises(HfrunError, match="different 'solver'"):
+    with pytest.raises(HfrunError, match="solver._target_='hfrun.solvers.first_order.Adam' in the run"):
         Run(make_config(*FAST, "solver=sgd", f"run.resume={tmp_path}"), tmp_path)
+    with pytest.raises(HfrunError, match="run.dtype='float32' in the run, 'float64' now"):
+        Run(make_config(*FAST, "run.dtype=float64", f"run.resume={tmp_path}"), tmp_path)
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):

@@ -64,7 +64,8 @@ class HessianFree:
                f"solver.preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
         for name, value in (("gradient_batch_size", gradient_batch_size), ("cg_max_iters", cg_max_iters)):
             _check(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
-        for name, value in (("initial_damping", initial_damping), ("structural_damping", structural_damping),
+        _check(initial_damping > 0, f"solver.initial_damping must be > 0, got {initial_damping}")
+        for name, value in (("structural_damping", structural_damping),
                             ("weight_cost", weight_cost), ("cg_tol", cg_tol)):
             _check(value >= 0, f"solver.{name} must be >= 0, got {value}")
         _check(0 <= cg_decay <= 1, f"solver.cg_decay must be in [0, 1], got {cg_decay}")
@@ -96,15 +97,16 @@ class HessianFree:
                 value = value + 0.5 * self.weight_cost * theta.dot(theta)
         return float(value)
 
-    def _gradient(self, theta: Tensor, batch) -> tuple[float, Tensor]:
+    def _gradient(self, theta: Tensor, batch) -> tuple[float, float, Tensor]:
+        """(data loss L, objective f = L + ½·weight_cost·‖θ‖², ∇f) on a batch."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         loss = self.loss(self.model(batch.inputs), batch.targets, batch.mask)
         gradient = self.spec.flatten(torch.autograd.grad(loss, params))
-        value = float(loss.detach())
+        data_loss = objective = float(loss.detach())
         if self.weight_cost:
             gradient = gradient + self.weight_cost * theta
-            value += 0.5 * self.weight_cost * float(theta.dot(theta))
-        return value, gradient
+            objective += 0.5 * self.weight_cost * float(theta.dot(theta))
+        return data_loss, objective, gradient
 
     # ------------------------------------------------------------ one update
 
@@ -113,13 +115,20 @@ class HessianFree:
         theta = self.spec.flatten(self._params())
         gradient_batch = stream.next(self.gradient_batch_size)
         curvature_batch = _first(gradient_batch, self.curvature_batch_size)
-        loss_before, gradient = self._gradient(theta, gradient_batch)
+        data_loss, loss_before, gradient = self._gradient(theta, gradient_batch)
+        if not (math.isfinite(loss_before) and bool(torch.isfinite(gradient).all())):
+            # Nothing sensible can follow; leave θ as it is and let the caller see the non-finite loss.
+            return {"loss": math.nan if math.isfinite(data_loss) else data_loss, "objective": loss_before,
+                    "examples_grad": gradient_batch.size, "examples_curv": 0}
         operator = CurvatureOperator(self.model, self.loss, curvature_batch, damping=self.damping,
                                      structural_damping=self.structural_damping, curvature=self.curvature,
                                      jv_method=self.jv_method)
-        preconditioner = None
+        preconditioner, examples_grad = None, gradient_batch.size
         if self.preconditioner == "martens":
-            squares = per_case_gradient_squares(self.model, self.loss, curvature_batch)
+            # Martens' release: the mean over cases of the squared per-case gradients ∇ℓᵢ². The operator
+            # returns Σᵢ(∇ℓᵢ/B)², so multiply by B. Per-case gradients cost about a gradient on that batch.
+            squares = per_case_gradient_squares(self.model, self.loss, curvature_batch) * curvature_batch.size
+            examples_grad += curvature_batch.size
             preconditioner = martens_preconditioner(squares, self.damping + self.weight_cost,
                                                     self.preconditioner_exponent)
         time_gradient = time.perf_counter() - clock
@@ -153,12 +162,14 @@ class HessianFree:
                                 self.spec.unflatten(new_theta).values()):
                 p.copy_(value)
         time_line_search = time.perf_counter() - clock
+        # Forward-only evaluations (backtracking, line search) are not counted as examples, as in M&S 2011.
         return {
-            "loss": loss_before, "lambda": self.damping, "rho": rho, "cg_iters": cg.iterations,
-            "cg_chosen_iter": chosen_iter, "q_reduction": -model_reduction,
-            "actual_reduction": objective_before - objective_final, "step_size": step_size,
+            "loss": data_loss, "objective": loss_before, "lambda": self.damping, "rho": rho,
+            "cg_iters": cg.iterations, "cg_chosen_iter": chosen_iter, "q_reduction": -model_reduction,
+            "actual_reduction": objective_before - objective_after,
+            "line_search_reduction": objective_before - objective_final, "step_size": step_size,
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
-            "examples_grad": gradient_batch.size, "examples_curv": products * curvature_batch.size,
+            "examples_grad": examples_grad, "examples_curv": products * curvature_batch.size,
         }
 
     def _backtrack(self, theta: Tensor, iterates, batch) -> tuple[int, Tensor, float]:
@@ -187,6 +198,8 @@ class HessianFree:
     def _line_search(self, theta, direction, gradient, before, value_at_one, batch) -> tuple[float, float]:
         """Armijo backtracking from α = 1; (0, f(θ)) when no tried α decreases f."""
         slope = float(gradient.dot(direction))
+        if not slope < 0:  # not a descent direction: no step along it can satisfy Armijo meaningfully
+            return 0.0, before
         rate, value = 1.0, value_at_one
         for _ in range(self.max_line_search):
             if math.isfinite(value) and value <= before + self.line_search_c * rate * slope:
