@@ -6,8 +6,9 @@ One process, one device, side by side. Per workload:
   cg_iter_ms    one CG iteration (a product plus CG's vector work)
   hf_update_ms  one full HF update with exactly 50 CG iterations
   gvp/grad      target ≤ 1.5 (ideal ≈ 4/3: a tangent pass plus a backward, against forward plus backward)
-  cg_overhead   CG's vector work as a fraction of a product; target < 5%
-Times are medians of repeated runs after warm-up, with float32 denormals
+  cg_overhead   CG's vector work (the same iterations with a trivial product) as a fraction
+                of a product; target < 5%
+Times are medians of interleaved rounds after warm-up, with float32 denormals
 flushed to zero on the CPU (as in a run).
 """
 from __future__ import annotations
@@ -76,26 +77,24 @@ def workloads(device: torch.device, scale: float) -> list[Workload]:
     ]
 
 
-def median_ms(work: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        work()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        work()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+
+def elapsed_ms(work: Callable[[], object], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    work()
+    _synchronize(device)
+    return 1000 * (time.perf_counter() - start)
 
 
 def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str, float]:
+    """Interleaved rounds (gradient, product, CG iterations, CG's vector work), so that load on a
+    shared machine hits all of them alike; ratios are medians of per-round ratios."""
     model, loss, batch = workload.model, workload.loss, workload.batch
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
 
     def gradient():
         return torch.autograd.grad(loss(model(batch.inputs), batch.targets, batch.mask), params)
@@ -103,26 +102,36 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
     operator = CurvatureOperator(model, loss, batch, damping=1.0, jv_method=workload.jv_method)
     vector = torch.randn(operator.num_params, device=device)
     g = torch.randn(operator.num_params, device=device)
-    cg_iters = 10
+    cg_iters = 5
 
-    def cg():
-        return conjugate_gradient(operator.mv, g, max_iters=cg_iters, tol=0.0)
+    def cg_with(product):
+        return lambda: conjugate_gradient(product, g, max_iters=cg_iters, tol=0.0)
 
+    # CG's own vector work: the same iterations with a product that costs one scaled copy.
+    vector_work = cg_with(lambda v: v * 2.0)
     solver = HessianFree(model, loss, gradient_batch_size=batch.size, cg_max_iters=HF_CG_ITERS, cg_tol=0.0,
                          preconditioner="none", jv_method=workload.jv_method)
     stream = FixedBatch(batch)
-    grad_ms = median_ms(gradient, device, repeats)
-    gvp_ms = median_ms(lambda: operator.mv(vector), device, repeats)
-    cg_iter_ms = median_ms(cg, device, max(1, repeats // 3)) / cg_iters
-    hf_update_ms = median_ms(lambda: solver.step(stream), device, 1, warmup=1)
-    return {"grad_ms": grad_ms, "gvp_ms": gvp_ms, "cg_iter_ms": cg_iter_ms, "hf_update_ms": hf_update_ms,
-            "gvp/grad": gvp_ms / grad_ms, "cg_overhead": cg_iter_ms / gvp_ms - 1}
+    for work in (gradient, lambda: operator.mv(vector), vector_work):
+        work()  # warm-up
+    rounds = []
+    for _ in range(repeats):
+        grad_ms = elapsed_ms(gradient, device)
+        gvp_ms = elapsed_ms(lambda: operator.mv(vector), device)
+        cg_iter_ms = elapsed_ms(cg_with(operator.mv), device) / cg_iters
+        vector_ms = elapsed_ms(vector_work, device) / cg_iters
+        rounds.append({"grad_ms": grad_ms, "gvp_ms": gvp_ms, "cg_iter_ms": cg_iter_ms,
+                       "gvp/grad": gvp_ms / grad_ms, "cg_overhead": vector_ms / gvp_ms})
+    row = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    solver.step(stream)  # warm-up of the solver's own path
+    row["hf_update_ms"] = elapsed_ms(lambda: solver.step(stream), device)
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every batch size (smoke tests)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
