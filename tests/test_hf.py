@@ -162,3 +162,28 @@ def test_state_dict_round_trip_keeps_damping_and_warm_start():
 def test_bad_settings_are_rejected(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         HessianFree(MLP(2, 1, []), SquaredError(), gradient_batch_size=10, **kwargs)
+
+
+def test_chunked_gradient_and_objective_equal_the_whole_batch():
+    torch.manual_seed(0)
+    model = MLP(1, 1, [8]).double()
+    solver = HessianFree(model, SquaredError(), gradient_batch_size=256, chunk_size=100, weight_cost=1e-3)
+    batch = _sine_data()
+    chunks = [Batch(batch.inputs[i:i + 100], batch.targets[i:i + 100]) for i in range(0, 256, 100)]
+    theta = solver.spec.flatten(solver._params())
+    whole, chunked = solver._gradient(theta, [batch]), solver._gradient(theta, chunks)
+    assert whole[0] == pytest.approx(chunked[0], rel=1e-12) and whole[1] == pytest.approx(chunked[1], rel=1e-12)
+    assert torch.allclose(whole[2], chunked[2], rtol=1e-10, atol=1e-14)
+    assert solver._objective(theta, chunks) == pytest.approx(solver._objective(theta, [batch]), rel=1e-12)
+
+
+def test_chunked_draws_and_undamped_rho_run_end_to_end():
+    task = LinearRegression(name="linreg", seed=0, device="cpu", dtype=torch.float64)
+    model = MLP(10, 1, []).double()
+    solver = HessianFree(model, task.loss, gradient_batch_size=1000, chunk_size=300, rho_model="undamped",
+                         initial_damping=0.1, cg_tol=1e-10)
+    stream = task.train_stream()
+    losses = [solver.step(stream)["loss"] for _ in range(6)]
+    stats = solver.step(stream)
+    assert stats["examples_grad"] == 1000
+    assert losses[-1] < 1e-2 * losses[0]

@@ -15,11 +15,22 @@ damping and μλ·G_S the structural damping of an RNN's hidden pre-activations
 2. Backtracking: starting from the last CG iterate, walk back through the saved
    iterates (i = ⌈5·1.3ʲ⌉) while the objective on the backtracking batch keeps
    improving; keep the best (Martens 2010, §4.6).
-3. λ follows ρ = (f(θ+d) − f(θ)) / q(d): ×3/2 if ρ < 1/4, ×2/3 if ρ > 3/4;
-   ρ = −∞ when f went up or is NaN.
+3. λ follows ρ = (f(θ+d) − f(θ)) / q̂(d): ×3/2 if ρ < 1/4, ×2/3 if ρ > 3/4;
+   ρ = −∞ when f went up or is NaN. With `rho_model: damped`, q̂ = q, the
+   model CG minimized; with `rho_model: undamped` (Martens' release, "a
+   different model than the one being optimized by CG"),
+   q̂(d) = gᵀd + ½ dᵀ(C + weight_cost·I)d, without the λ and μλ terms, at the
+   cost of one more curvature product.
 4. Armijo line search along d: the largest α = 0.8ᵏ with
    f(θ+αd) ≤ f(θ) + c·α·gᵀd (c = 1e-2); α = 0 if none of `max_line_search`
    tries decreases f.
+
+Batches are drawn in chunks of `chunk_size` cases (0: one draw per batch).
+A task that draws one sequence length per draw (the pathological tasks) then
+gives a gradient batch that mixes lengths, as Sutskever's 10 × 1000 gradient
+does, instead of fitting a single length per update. f and ∇f on a chunked
+batch are the size-weighted means over its chunks; the curvature batch is the
+first `curvature_batch_size` cases of the first chunk.
 
 The objective f includes the L2 weight cost ½·weight_cost·‖θ‖², whose
 curvature weight_cost·I is added to C. Losses are per-case means, so λ does
@@ -39,6 +50,7 @@ from hfrun.solvers.cg import conjugate_gradient
 
 CURVATURES = ("ggn", "hessian")
 PRECONDITIONERS = ("none", "martens")
+RHO_MODELS = ("damped", "undamped")
 
 
 class HessianFree:
@@ -57,14 +69,17 @@ class HessianFree:
                  structural_damping: float = 0.0, cg_max_iters: int = 250,
                  cg_tol: float = 5e-4, cg_decay: float = 0.95, preconditioner: str = "none",
                  preconditioner_exponent: float = 0.75, weight_cost: float = 0.0, damping_min: float = 1e-8,
-                 line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60):
+                 line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60,
+                 rho_model: str = "damped", chunk_size: int = 0):
         _check(curvature in CURVATURES, f"solver.curvature must be one of {CURVATURES}, got {curvature!r}")
         _check(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
         _check(preconditioner in PRECONDITIONERS,
                f"solver.preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+        _check(rho_model in RHO_MODELS, f"solver.rho_model must be one of {RHO_MODELS}, got {rho_model!r}")
         for name, value in (("gradient_batch_size", gradient_batch_size), ("cg_max_iters", cg_max_iters)):
             _check(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
         _check(initial_damping > 0, f"solver.initial_damping must be > 0, got {initial_damping}")
+        _check(int(chunk_size) >= 0, f"solver.chunk_size must be >= 0, got {chunk_size}")
         for name, value in (("structural_damping", structural_damping),
                             ("weight_cost", weight_cost), ("cg_tol", cg_tol)):
             _check(value >= 0, f"solver.{name} must be >= 0, got {value}")
@@ -79,6 +94,7 @@ class HessianFree:
         self.preconditioner, self.preconditioner_exponent = preconditioner, float(preconditioner_exponent)
         self.line_search_c, self.line_search_shrink = float(line_search_c), float(line_search_shrink)
         self.max_line_search = int(max_line_search)
+        self.rho_model, self.chunk_size = rho_model, int(chunk_size)
         self.damping = float(initial_damping)
         self.spec = ParamSpec.from_module(model)
         self.warm_start: Tensor | None = None
@@ -88,21 +104,32 @@ class HessianFree:
     def _params(self) -> dict[str, Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
 
-    def _objective(self, theta: Tensor, batch) -> float:
-        """f(θ) = L(θ; batch) + ½·weight_cost·‖θ‖², without building a graph."""
+    def _draw(self, stream, size: int) -> list:
+        """`size` cases as a list of chunks of at most `chunk_size` (one chunk when chunk_size is 0)."""
+        chunk = self.chunk_size or size
+        return [stream.next(min(chunk, size - start)) for start in range(0, size, chunk)]
+
+    def _objective(self, theta: Tensor, batches: list) -> float:
+        """f(θ) = L(θ; batches) + ½·weight_cost·‖θ‖², L the size-weighted mean over chunks, without a graph."""
+        total = sum(batch.size for batch in batches)
+        params = self.spec.unflatten(theta)
         with torch.no_grad():
-            outputs = functional_call(self.model, self.spec.unflatten(theta), (batch.inputs,))
-            value = self.loss(outputs, batch.targets, batch.mask)
+            value = sum(self.loss(functional_call(self.model, params, (batch.inputs,)), batch.targets, batch.mask)
+                        * (batch.size / total) for batch in batches)
             if self.weight_cost:
                 value = value + 0.5 * self.weight_cost * theta.dot(theta)
         return float(value)
 
-    def _gradient(self, theta: Tensor, batch) -> tuple[float, float, Tensor]:
-        """(data loss L, objective f = L + ½·weight_cost·‖θ‖², ∇f) on a batch."""
+    def _gradient(self, theta: Tensor, batches: list) -> tuple[float, float, Tensor]:
+        """(data loss L, objective f = L + ½·weight_cost·‖θ‖², ∇f) on the chunks, size-weighted."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        loss = self.loss(self.model(batch.inputs), batch.targets, batch.mask)
-        gradient = self.spec.flatten(torch.autograd.grad(loss, params))
-        data_loss = objective = float(loss.detach())
+        total = sum(batch.size for batch in batches)
+        data_loss, gradient = 0.0, torch.zeros_like(theta)
+        for batch in batches:
+            loss = self.loss(self.model(batch.inputs), batch.targets, batch.mask) * (batch.size / total)
+            gradient += self.spec.flatten(torch.autograd.grad(loss, params))
+            data_loss += float(loss.detach())
+        objective = data_loss
         if self.weight_cost:
             gradient = gradient + self.weight_cost * theta
             objective += 0.5 * self.weight_cost * float(theta.dot(theta))
@@ -113,17 +140,18 @@ class HessianFree:
     def step(self, stream) -> dict[str, float]:
         clock = time.perf_counter()
         theta = self.spec.flatten(self._params())
-        gradient_batch = stream.next(self.gradient_batch_size)
-        curvature_batch = _first(gradient_batch, self.curvature_batch_size)
+        gradient_batch = self._draw(stream, self.gradient_batch_size)
+        gradient_cases = sum(batch.size for batch in gradient_batch)
+        curvature_batch = _first(gradient_batch[0], self.curvature_batch_size)
         data_loss, loss_before, gradient = self._gradient(theta, gradient_batch)
         if not (math.isfinite(loss_before) and bool(torch.isfinite(gradient).all())):
             # Nothing sensible can follow; leave θ as it is and let the caller see the non-finite loss.
             return {"loss": math.nan if math.isfinite(data_loss) else data_loss, "objective": loss_before,
-                    "examples_grad": gradient_batch.size, "examples_curv": 0}
+                    "examples_grad": gradient_cases, "examples_curv": 0}
         operator = CurvatureOperator(self.model, self.loss, curvature_batch, damping=self.damping,
                                      structural_damping=self.structural_damping, curvature=self.curvature,
                                      jv_method=self.jv_method)
-        preconditioner, examples_grad = None, gradient_batch.size
+        preconditioner, examples_grad = None, gradient_cases
         if self.preconditioner == "martens":
             # Martens' release: the mean over cases of the squared per-case gradients ∇ℓᵢ². The operator
             # returns Σᵢ(∇ℓᵢ/B)², so multiply by B. Per-case gradients cost about a gradient on that batch.
@@ -148,10 +176,15 @@ class HessianFree:
         time_cg = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        backtrack_batch = stream.next(self.backtrack_batch_size) if self.backtrack_batch_size else gradient_batch
+        backtrack_batch = (self._draw(stream, self.backtrack_batch_size) if self.backtrack_batch_size
+                           else gradient_batch)
         objective_before = loss_before if backtrack_batch is gradient_batch else self._objective(theta, backtrack_batch)
         chosen_iter, direction, objective_after = self._backtrack(theta, cg.iterates, backtrack_batch)
         model_reduction = cg.q_values[chosen_iter]
+        if self.rho_model == "undamped":
+            operator.damping = 0.0  # drops both λI and μλ·G_S
+            model_reduction = _quadratic_value(damped_curvature, gradient, direction)
+            operator.damping = self.damping
         rho = self._reduction_ratio(objective_before, objective_after, model_reduction)
         self._update_damping(rho)
         step_size, objective_final = self._line_search(theta, direction, gradient, objective_before,
@@ -220,6 +253,11 @@ class HessianFree:
             reference = next(self.model.parameters())
             warm_start = warm_start.to(reference.device, reference.dtype)
         self.warm_start = warm_start
+
+
+def _quadratic_value(curvature_product, gradient: Tensor, d: Tensor) -> float:
+    """gᵀd + ½ dᵀA d for A given by its product; one product."""
+    return float(gradient.dot(d) + 0.5 * d.dot(curvature_product(d)))
 
 
 def _first(batch, size: int):
