@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from hfrun.curvature import trainable_parameters
 from hfrun.losses import SigmoidCrossEntropy, SquaredError
 from hfrun.models.mlp import MLP
 from hfrun.solvers.first_order import SGD, Adam
@@ -158,7 +159,7 @@ def test_chunked_gradient_and_objective_equal_the_whole_batch():
     solver = HessianFree(model, SquaredError(), gradient_batch_size=256, chunk_size=100, weight_cost=1e-3)
     batch = _sine_data()
     chunks = [Batch(batch.inputs[i:i + 100], batch.targets[i:i + 100]) for i in range(0, 256, 100)]
-    theta = solver.spec.flatten(solver._params())
+    theta = solver.spec.flatten(trainable_parameters(model))
     whole, chunked = solver._gradient(theta, [batch]), solver._gradient(theta, chunks)
     assert whole[0] == pytest.approx(chunked[0], rel=1e-12) and whole[1] == pytest.approx(chunked[1], rel=1e-12)
     assert torch.allclose(whole[2], chunked[2], rtol=1e-10, atol=1e-14)

@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hfrun.curvature import JV_METHODS, CurvatureOperator, ParamSpec, martens_preconditioner, per_case_gradient_squares
+from hfrun.curvature import (JV_METHODS, CurvatureOperator, ParamSpec, martens_preconditioner,
+                             per_case_gradient_squares, trainable_parameters)
 from hfrun.solvers.cg import conjugate_gradient
 
 CURVATURES = ("ggn", "hessian")
@@ -101,9 +102,6 @@ class HessianFree:
 
     # ------------------------------------------------------------ objective
 
-    def _params(self) -> dict[str, Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
-
     def _draw(self, stream, size: int) -> list:
         """`size` cases as a list of chunks of at most `chunk_size` (one chunk when chunk_size is 0)."""
         chunk = self.chunk_size or size
@@ -139,7 +137,7 @@ class HessianFree:
 
     def step(self, stream) -> dict[str, float]:
         clock = time.perf_counter()
-        theta = self.spec.flatten(self._params())
+        theta = self.spec.flatten(trainable_parameters(self.model))
         gradient_batch = self._draw(stream, self.gradient_batch_size)
         gradient_cases = sum(batch.size for batch in gradient_batch)
         curvature_batch = _first(gradient_batch[0], self.curvature_batch_size)
@@ -191,8 +189,7 @@ class HessianFree:
                                                        objective_after, backtrack_batch)
         with torch.no_grad():
             new_theta = theta + step_size * direction
-            for p, value in zip((p for p in self.model.parameters() if p.requires_grad),
-                                self.spec.unflatten(new_theta).values()):
+            for p, value in zip(trainable_parameters(self.model).values(), self.spec.unflatten(new_theta).values()):
                 p.copy_(value)
         time_line_search = time.perf_counter() - clock
         # Forward-only evaluations (backtracking, line search) are not counted as examples, as in M&S 2011.
