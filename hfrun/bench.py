@@ -2,9 +2,13 @@
 
 One process, one device, side by side. Per workload:
   grad_ms       one gradient of the batch loss (forward + backward)
+  setup_ms      the per-batch work a curvature operator caches once: the primal pass, the vjp
+                closure and, for jv_method=linearize, the traced tangent pass and its check
   gvp_ms        one GGN-vector product with the batch's primal work cached
   cg_iter_ms    one CG iteration (a product plus CG's vector work)
-  hf_update_ms  one full HF update with exactly 50 CG iterations
+  hf_update_ms  one full HF update (gradient, setup, CG, backtracking, line search) with up to 50
+                CG iterations and λ = 1e-4; hf_cg_iters says how many CG ran before its residual
+                vanished (the random autoencoder problem at initialization converges in about 10)
   gvp/grad      target ≤ 1.5 (ideal ≈ 4/3: a tangent pass plus a backward, against forward plus backward)
   cg_overhead   CG's vector work (the same iterations with a trivial product) as a fraction
                 of a product; target < 5%
@@ -34,6 +38,8 @@ from hfrun.solvers.hf import HessianFree
 from hfrun.tasks.base import Batch
 
 HF_CG_ITERS = 50
+HF_DAMPING = 1e-4
+SETUP_REPEATS = 3
 
 
 @dataclass
@@ -42,7 +48,7 @@ class Workload:
     model: nn.Module
     loss: Callable
     batch: Batch
-    jv_method: str = "jvp"
+    jv_method: str = "linearize"
 
 
 class FixedBatch:
@@ -66,15 +72,18 @@ def workloads(device: torch.device, scale: float) -> list[Workload]:
     mlp = MLP(784, 10, [256, 256]).to(device)
     autoencoder = Autoencoder(784).to(device)
     image_batch = Batch(images, (images > 0.5).float())
-    return [
-        Workload("MLP 784-256-256-10, B5000 (jvp)", mlp, SoftmaxCrossEntropy(), mlp_batch),
-        Workload("MLP 784-256-256-10, B5000 (double_vjp)", mlp, SoftmaxCrossEntropy(), mlp_batch, "double_vjp"),
-        Workload("autoencoder 784-…-30-…-784, B1000 (jvp)", autoencoder, SigmoidCrossEntropy(), image_batch),
-        Workload("autoencoder 784-…-30-…-784, B1000 (double_vjp)", autoencoder, SigmoidCrossEntropy(), image_batch,
-                 "double_vjp"),
-        Workload("tanh RNN-100 T100 B1000 (nn.RNN)", RNN(2, 1, impl="fused").to(device), SquaredError(), rnn_batch),
-        Workload("tanh RNN-100 T100 B1000 (loop)", RNN(2, 1, impl="loop").to(device), SquaredError(), rnn_batch),
-    ]
+    rows = []
+    for jv_method in ("linearize", "jvp", "double_vjp"):
+        rows.append(Workload("MLP 784-256-256-10, B5000", mlp, SoftmaxCrossEntropy(), mlp_batch, jv_method))
+    for jv_method in ("linearize", "jvp", "double_vjp"):
+        rows.append(Workload("autoencoder 784-…-30-…-784, B1000", autoencoder, SigmoidCrossEntropy(), image_batch,
+                             jv_method))
+    rows.append(Workload("tanh RNN-100 T100 B1000, nn.RNN", RNN(2, 1, impl="fused").to(device), SquaredError(),
+                         rnn_batch))
+    rnn_loop = RNN(2, 1, impl="loop").to(device)
+    for jv_method in ("linearize", "jvp"):
+        rows.append(Workload("tanh RNN-100 T100 B1000, loop", rnn_loop, SquaredError(), rnn_batch, jv_method))
+    return rows
 
 
 def _synchronize(device: torch.device) -> None:
@@ -99,7 +108,11 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
     def gradient():
         return torch.autograd.grad(loss(model(batch.inputs), batch.targets, batch.mask), params)
 
-    operator = CurvatureOperator(model, loss, batch, damping=1.0, jv_method=workload.jv_method)
+    def setup():
+        return CurvatureOperator(model, loss, batch, damping=1.0, jv_method=workload.jv_method)
+
+    operator = setup()
+    setup_ms = statistics.median(elapsed_ms(setup, device) for _ in range(SETUP_REPEATS))
     vector = torch.randn(operator.num_params, device=device)
     g = torch.randn(operator.num_params, device=device)
     cg_iters = 5
@@ -109,8 +122,10 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
 
     # CG's own vector work: the same iterations with a product that costs one scaled copy.
     vector_work = cg_with(lambda v: v * 2.0)
+    # λ small, so that CG does not converge (residual below float precision) long before 50 iterations,
+    # as it does at λ = 1 on these random problems.
     solver = HessianFree(model, loss, gradient_batch_size=batch.size, cg_max_iters=HF_CG_ITERS, cg_tol=0.0,
-                         preconditioner="none", jv_method=workload.jv_method)
+                         initial_damping=HF_DAMPING, preconditioner="none", jv_method=workload.jv_method)
     stream = FixedBatch(batch)
     for work in (gradient, lambda: operator.mv(vector), vector_work):
         work()  # warm-up
@@ -123,8 +138,11 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
         rounds.append({"grad_ms": grad_ms, "gvp_ms": gvp_ms, "cg_iter_ms": cg_iter_ms,
                        "gvp/grad": gvp_ms / grad_ms, "cg_overhead": vector_ms / gvp_ms})
     row = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    row["setup_ms"], row["jv_method_used"] = setup_ms, operator.jv_method_used
     solver.step(stream)  # warm-up of the solver's own path
-    row["hf_update_ms"] = elapsed_ms(lambda: solver.step(stream), device)
+    stats = {}
+    row["hf_update_ms"] = elapsed_ms(lambda: stats.update(solver.step(stream)), device)
+    row["hf_cg_iters"] = stats["cg_iters"]
     return row
 
 
@@ -139,15 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    columns = ["grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead"]
+    columns = ["grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead", "setup_ms",
+               "hf_cg_iters"]
     table = Table(title=f"hfrun bench on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     table.add_column("workload")
     for column in columns:
         table.add_column(column, justify="right")
     for workload in workloads(device, args.scale):
         row = measure(workload, device, args.repeats)
-        table.add_row(workload.name, *(f"{row[c]:.1%}" if c == "cg_overhead" else
-                                       f"{row[c]:.2f}" if c == "gvp/grad" else f"{row[c]:.1f}" for c in columns))
+        table.add_row(f"{workload.name} ({row['jv_method_used']})", *(f"{row[c]:.1%}" if c == "cg_overhead" else
+                                       f"{row[c]:.2f}" if c == "gvp/grad" else
+                                       f"{row[c]}" if c == "hf_cg_iters" else f"{row[c]:.1f}" for c in columns))
     Console(width=160).print(table)
 
 

@@ -18,6 +18,7 @@ from torch.func import functional_call, jvp
 from hfrun import curvature
 from hfrun.curvature import JV_METHODS, CurvatureOperator, ParamSpec, martens_preconditioner, per_case_gradient_squares
 from hfrun.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError
+from hfrun.models.rnn import RNN
 from hfrun.tasks.base import Batch
 
 LOSSES = {"mse": SquaredError(), "softmax_ce": SoftmaxCrossEntropy(), "sigmoid_ce": SigmoidCrossEntropy()}
@@ -99,7 +100,7 @@ def outputs_at(model: nn.Module, flat: Tensor, x: Tensor) -> Tensor:
 
 
 def rnn_by_hand(model: TinyRNN, flat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(z, a) of TinyRNN from its recurrence a_t = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh, h_t = tanh(a_t)."""
+    """(z, a) of TinyRNN (or hfrun's RNN: same parameter names) from its recurrence a_t = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh, h_t = tanh(a_t)."""
     p = parameter_dict(model, flat)
     hidden, outputs, preactivations = x.new_zeros(x.shape[0], HIDDEN), [], []
     for step in range(x.shape[1]):
@@ -237,7 +238,8 @@ def test_gradient_and_loss_value_match_autograd(problem, loss_name, jv_method):
     assert operator.loss_value == pytest.approx(value.detach().item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("curvature_name, jv_method", [("ggn", "jvp"), ("ggn", "double_vjp"), ("hessian", "jvp")])
+@pytest.mark.parametrize("curvature_name, jv_method",
+                         [("ggn", "linearize"), ("ggn", "jvp"), ("ggn", "double_vjp"), ("hessian", "jvp")])
 def test_structural_damping_matches_its_dense_definition(curvature_name, jv_method):
     torch.manual_seed(5)
     model, batch = rnn_problem("softmax_ce")
@@ -249,6 +251,58 @@ def test_structural_damping_matches_its_dense_definition(curvature_name, jv_meth
     expected = curvature_matrix + damping * identity + mu * damping * dense_structural_ggn(model, batch)
     assert operator.structural_damping == mu
     assert_close_matrices(operator_matrix(operator), expected)
+
+
+@pytest.mark.parametrize("jv_method", JV_METHODS)
+def test_hfrun_loop_rnn_damped_products_match_dense(jv_method):
+    """hfrun's own RNN (per-step loop), GGN + λI + μλ·G_S: the default linearize path must be the one used."""
+    torch.manual_seed(11)
+    model, batch = rnn_problem("mse", model_class=lambda: RNN(INPUTS, OUTPUTS, hidden_size=HIDDEN, impl="loop"))
+    loss, damping, mu = LOSSES["mse"], 0.5, 0.3
+    operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu, jv_method=jv_method)
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    expected = dense_ggn(model, loss, batch) + damping * identity + mu * damping * dense_structural_ggn(model, batch)
+    assert_close_matrices(operator_matrix(operator), expected)
+    assert (operator._linearized is not None) == (jv_method == "linearize")
+
+
+def test_linearize_that_disagrees_with_jvp_is_replaced_by_jvp(monkeypatch, caplog):
+    """A traced linearization whose later products go wrong (as torch 2.13's does through nn.RNN's
+    native kernel) is caught by the per-batch check, logged, and never used for this model again."""
+    monkeypatch.setattr(curvature, "_ALREADY_LOGGED", set())
+    real_linearize = curvature.linearize
+
+    def linearize_wrong_after_first_call(func, params):
+        output, linearized = real_linearize(func, params)
+        calls = []
+
+        def drifting(tangents):
+            calls.append(1)
+            return tuple(t * len(calls) for t in linearized(tangents))
+
+        return output, drifting
+
+    monkeypatch.setattr(curvature, "linearize", linearize_wrong_after_first_call)
+    torch.manual_seed(12)
+    model, batch = mlp_problem("mse")
+    with caplog.at_level(logging.WARNING, logger="hfrun.curvature"):
+        operator = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.5, jv_method="linearize")
+    assert "second product differed from jvp's" in caplog.text
+    assert operator._linearized is None and model in curvature._MODELS_WITHOUT_LINEARIZE
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    assert_close_matrices(operator_matrix(operator), dense_ggn(model, LOSSES["mse"], batch) + 0.5 * identity)
+    assert CurvatureOperator(model, LOSSES["mse"], batch, jv_method="linearize")._linearized is None
+
+
+def test_torch_rnn_kernel_products_are_right_whatever_linearize_does():
+    """nn.RNN's native kernel: repeated jv_method=linearize products still match the dense GGN."""
+    torch.manual_seed(13)
+    model, batch = rnn_problem("mse")
+    operator = CurvatureOperator(model, LOSSES["mse"], batch, jv_method="linearize")
+    dense = dense_ggn(model, LOSSES["mse"], batch)
+    for _ in range(3):
+        v = torch.randn(operator.num_params, dtype=torch.float64)
+        torch.testing.assert_close(operator.mv(v), dense @ v, rtol=1e-9, atol=1e-12)
 
 
 def test_structural_damping_is_ignored_without_preactivations(monkeypatch, caplog):
@@ -332,7 +386,8 @@ def forward_mode_fails(model: nn.Module, x: Tensor) -> bool:
     return False
 
 
-@pytest.mark.parametrize("curvature_name, jv_method", [("ggn", "jvp"), ("hessian", "jvp"), ("ggn", "double_vjp")])
+@pytest.mark.parametrize("curvature_name, jv_method",
+                         [("ggn", "linearize"), ("ggn", "jvp"), ("hessian", "jvp"), ("ggn", "double_vjp")])
 def test_float32_lstm_products_match_dense_float64(monkeypatch, caplog, curvature_name, jv_method):
     """On the CPU a float32 nn.LSTM runs oneDNN's kernel, which has no forward-mode AD:
     forward-mode products must fall back to the native kernels; double_vjp needs no fallback."""
