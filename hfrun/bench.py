@@ -7,8 +7,8 @@ One process, one device, side by side. Per workload:
   gvp_ms        one GGN-vector product with the batch's primal work cached
   cg_iter_ms    one CG iteration (a product plus CG's vector work)
   hf_update_ms  one full HF update (gradient, setup, CG, backtracking, line search) with up to 50
-                CG iterations and λ = 1e-4; hf_cg_iters says how many CG ran before its residual
-                vanished (the random autoencoder problem at initialization converges in about 10)
+                CG iterations and λ = 1e-4; hf_cg_iters says how many CG ran before the residual
+                vanished (the autoencoder on random images at initialization: about 10)
   gvp/grad      target ≤ 1.5 (ideal ≈ 4/3: a tangent pass plus a backward, against forward plus backward)
   cg_overhead   CG's vector work (the same iterations with a trivial product) as a fraction
                 of a product; target < 5%
@@ -18,6 +18,7 @@ flushed to zero on the CPU (as in a run).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ def elapsed_ms(work: Callable[[], object], device: torch.device) -> float:
 def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str, float]:
     """Interleaved rounds (gradient, product, CG iterations, CG's vector work), so that load on a
     shared machine hits all of them alike; ratios are medians of per-round ratios."""
-    model, loss, batch = workload.model, workload.loss, workload.batch
+    # A copy per row: the HF update below changes the weights, and every row should start from the same ones.
+    model, loss, batch = copy.deepcopy(workload.model), workload.loss, workload.batch
     params = list(model.parameters())
 
     def gradient():
