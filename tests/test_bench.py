@@ -1,0 +1,30 @@
+"""`make bench` runs end to end (at a tiny scale) and prints every column the issue names."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfrun import bench
+
+COLUMNS = ["workload", "grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead", "setup_ms",
+           "hf_cg_iters"]
+
+
+def test_measure_gives_every_figure_for_a_workload():
+    workload = bench.workloads(torch.device("cpu"), 0.005)[0]
+    row = bench.measure(workload, torch.device("cpu"), repeats=1)
+    assert row["jv_method_used"] == "linearize"
+    for column in COLUMNS[1:]:
+        assert row[column] > 0, column
+    assert row["hf_cg_iters"] <= bench.HF_CG_ITERS
+
+
+@pytest.mark.slow
+def test_bench_prints_a_row_per_workload(capsys):
+    bench.main(["--device", "cpu", "--scale", "0.005", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for column in COLUMNS:
+        assert column in out
+    for name in ("MLP 784-256-256-10, B5000 (linearize)", "autoencoder", "RNN-100 T100 B1000, loop (linearize)",
+                 "loop (jvp)", "nn.RNN"):
+        assert name in out
