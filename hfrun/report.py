@@ -2,6 +2,10 @@
 directories and prints, per (task, solver), the number of runs, the failure rate and the mean
 thousands of 1000-sequence minibatches to success over the successful runs — the units of
 Martens & Sutskever (2011), Figure 3. A run that was not solved counts as a failure.
+
+`--split-by solver.lr` (repeatable) separates runs by config values, read from each run's
+`.hydra/config.yaml` next to its summary.json ("?" where a run has none; runs whose config
+lacks the key, such as HF for solver.lr, are not split).
 """
 from __future__ import annotations
 
@@ -11,17 +15,30 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 
-def collect(directories: list[Path]) -> dict[tuple[str, str], list[dict]]:
+def run_setting(summary_path: Path, key: str) -> str | None:
+    """The value of a dotted config key for the run that wrote `summary_path`, as text: "?" without a
+    `.hydra/config.yaml` beside it, None where its config has no such key (e.g. solver.lr for HF)."""
+    config_path = summary_path.parent / ".hydra" / "config.yaml"
+    if not config_path.is_file():
+        return "?"
+    value = OmegaConf.select(OmegaConf.load(config_path), key, default=None)
+    return None if value is None else str(value)
+
+
+def collect(directories: list[Path], split_by: tuple[str, ...] = ()) -> dict[tuple[str, str], list[dict]]:
     runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for directory in directories:
         for path in sorted(Path(directory).rglob("summary.json")):
             summary = json.loads(path.read_text())
             if "solved" in summary:
-                runs[summary["task"], summary["solver"]].append(summary)
+                settings = {key: run_setting(path, key) for key in split_by}
+                label = " ".join([summary["solver"], *(f"{k}={v}" for k, v in settings.items() if v is not None)])
+                runs[summary["task"], label].append(summary)
     return runs
 
 
@@ -44,13 +61,15 @@ def rows(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directories", nargs="+", type=Path)
+    parser.add_argument("--split-by", action="append", default=[], metavar="KEY",
+                        help="a dotted config key, e.g. solver.lr, whose values get separate rows")
     args = parser.parse_args(argv)
     table = Table(title="runs with a success criterion")
     columns = ["task", "solver", "runs", "failure_rate", "kminibatches_to_success", "budget_kminibatches",
                "mean_wall_s_to_success", "final_error_unsolved"]
     for column in columns:
         table.add_column(column)
-    for row in rows(collect(args.directories)):
+    for row in rows(collect(args.directories, tuple(args.split_by))):
         table.add_row(*(f"{row[c]:.3g}" if isinstance(row[c], float) else "–" if row[c] is None else str(row[c])
                         for c in columns))
     Console(width=200).print(table)

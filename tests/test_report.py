@@ -26,3 +26,21 @@ def test_failure_rate_and_mean_over_successes(tmp_path):
     assert hf["kminibatches_to_success"] == 2.0
     assert table["addition_T30", "adam"]["failure_rate"] == 1.0
     assert table["addition_T30", "adam"]["kminibatches_to_success"] is None
+
+
+def test_split_by_a_config_value_read_from_each_run(tmp_path):
+    for index, (lr, solved) in enumerate([(0.001, True), (0.01, False), (0.01, False)]):
+        run = tmp_path / str(index)
+        _summary(run, "addition_T30", "adam", solved, 800.0 if solved else None)
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(f"solver:\n  name: adam\n  lr: {lr}\n")
+    _summary(tmp_path / "bare", "addition_T30", "adam", False, None)  # a copied summary without its config
+    table = {(r["task"], r["solver"]): r for r in rows(collect([tmp_path], ("solver.lr",)))}
+    assert table["addition_T30", "adam solver.lr=0.001"]["failure_rate"] == 0.0
+    assert table["addition_T30", "adam solver.lr=0.01"]["runs"] == 2
+    assert table["addition_T30", "adam solver.lr=?"]["runs"] == 1
+    hf_run = tmp_path / "hf"
+    _summary(hf_run, "addition_T30", "hf", True, 2000.0)
+    (hf_run / ".hydra").mkdir()
+    (hf_run / ".hydra" / "config.yaml").write_text("solver:\n  name: hf\n")
+    assert ("addition_T30", "hf") in {(r["task"], r["solver"]) for r in rows(collect([tmp_path], ("solver.lr",)))}
