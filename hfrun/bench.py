@@ -148,12 +148,55 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
     return row
 
 
+def compare_jv_methods_on_task(task: str, updates: int, methods: tuple[str, ...] = ("jvp", "linearize")) -> None:
+    """HF updates on a configured task (its own solver hints), each Jv method from the same model,
+    solver and data-stream state in turn, so all see the same batches; prints per-update times."""
+    from hydra import compose, initialize_config_dir
+
+    from hfrun.config import CONFIG_DIR
+    from hfrun.engine import build_model, build_solver, build_task
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["solver=hf", f"task={task}", "seed=0"])
+    device = torch.device("cpu")
+    task_object = build_task(cfg, device, torch.float32)
+    model = build_model(cfg, task_object, device, torch.float32)
+    solver = build_solver(cfg, model, task_object)
+    stream = task_object.train_stream()
+    totals = {method: {"update_s": 0.0, "cg_s": 0.0} for method in methods}
+    for update in range(updates):
+        start_state = copy.deepcopy((model.state_dict(), solver.state_dict(), stream.state_dict()))
+        order = methods if update % 2 == 0 else methods[::-1]
+        for method in order:
+            model.load_state_dict(start_state[0])
+            solver.load_state_dict(copy.deepcopy(start_state[1]))
+            stream.load_state_dict(copy.deepcopy(start_state[2]))
+            solver.jv_method = method
+            start = time.perf_counter()
+            stats = solver.step(stream)
+            totals[method]["update_s"] += time.perf_counter() - start
+            totals[method]["cg_s"] += stats["time_cg_s"]
+        print(f"update {update}: {stats['cg_iters']} CG iterations")
+    base = totals[methods[0]]
+    for method in methods:
+        print(f"{method:>10}: updates {totals[method]['update_s']:.1f} s ({totals[method]['update_s'] / base['update_s']:.2f}x), "
+              f"CG {totals[method]['cg_s']:.1f} s ({totals[method]['cg_s'] / base['cg_s']:.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every batch size (smoke tests)")
+    parser.add_argument("--task", help="instead of the table: time HF updates on this task (e.g. addition_T30) "
+                                       "with jvp against linearize, from the same states")
+    parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
     args = parser.parse_args(argv)
+    if args.task:
+        torch.set_flush_denormal(True)
+        torch.manual_seed(0)
+        compare_jv_methods_on_task(args.task, args.updates)
+        return
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cpu":

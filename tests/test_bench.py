@@ -28,3 +28,9 @@ def test_bench_prints_a_row_per_workload(capsys):
     for name in ("MLP 784-256-256-10, B5000 (linearize)", "autoencoder", "RNN-100 T100 B1000, loop (linearize)",
                  "loop (jvp)", "nn.RNN"):
         assert name in out
+
+
+def test_compare_jv_methods_on_a_configured_task(capsys):
+    bench.main(["--task", "linreg", "--updates", "2"])
+    out = capsys.readouterr().out
+    assert "jvp: updates" in out and "linearize: updates" in out and "update 1:" in out

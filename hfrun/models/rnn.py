@@ -68,11 +68,13 @@ class RNN(nn.Module):
 
     `impl` picks how the recurrence runs; both hold the same parameters (those
     of an `nn.RNN` named `rnn`, plus `readout`), so weights and checkpoints are
-    interchangeable. "loop" is the default: in `make bench` on 2 CPU cores
-    (B = 1000, H = 100, T = 100, flush-to-zero on) its gradient took 124 ms
-    against 457 ms through `nn.RNN`, its GGN product 215 ms against 715 ms, and a
-    50-iteration HF update 9 s against 87 s. "fused" (torch's RNN kernel, cuDNN
-    off because cuDNN RNNs lack forward-mode AD) remains selectable.
+    interchangeable. "loop" is the default because only its curvature products
+    can use `jv_method=linearize` (torch 2.13's trace of `nn.RNN` drifts): in
+    `make bench` on 2 CPU cores (B = 1000, H = 100, T = 100, flush-to-zero on)
+    a 50-iteration HF update took 15.3 s against 18.6 s through `nn.RNN`, although
+    `nn.RNN`'s gradient alone was cheaper (132 ms against 191 ms). "fused"
+    (torch's RNN kernel, cuDNN off because cuDNN RNNs lack forward-mode AD)
+    remains selectable.
     """
 
     def __init__(self, input_size: int, output_size: int, hidden_size: int = 100, init: str = "sparse",
