@@ -192,16 +192,15 @@ def main(argv: list[str] | None = None) -> None:
                                        "with jvp against linearize, from the same states")
     parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
     args = parser.parse_args(argv)
-    if args.task:
-        torch.set_flush_denormal(True)
-        torch.manual_seed(0)
-        compare_jv_methods_on_task(args.task, args.updates)
-        return
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+    device = torch.device("cpu" if args.task else  # the task comparison runs on the CPU
+                          "cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     torch.manual_seed(0)
+    if args.task:
+        compare_jv_methods_on_task(args.task, args.updates)
+        return
     columns = ["grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead", "setup_ms",
                "hf_cg_iters"]
     table = Table(title=f"hfrun bench on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")

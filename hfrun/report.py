@@ -20,14 +20,15 @@ from rich.console import Console
 from rich.table import Table
 
 
-def run_setting(summary_path: Path, key: str) -> str | None:
-    """The value of a dotted config key for the run that wrote `summary_path`, as text: "?" without a
+def run_settings(summary_path: Path, keys: tuple[str, ...]) -> dict[str, str | None]:
+    """Dotted config keys of the run that wrote `summary_path`, as text: "?" without a
     `.hydra/config.yaml` beside it, None where its config has no such key (e.g. solver.lr for HF)."""
     config_path = summary_path.parent / ".hydra" / "config.yaml"
-    if not config_path.is_file():
-        return "?"
-    value = OmegaConf.select(OmegaConf.load(config_path), key, default=None)
-    return None if value is None else str(value)
+    if not keys or not config_path.is_file():
+        return dict.fromkeys(keys, "?")
+    config = OmegaConf.load(config_path)
+    values = {key: OmegaConf.select(config, key, default=None) for key in keys}
+    return {key: None if value is None else str(value) for key, value in values.items()}
 
 
 def collect(directories: list[Path], split_by: tuple[str, ...] = ()) -> dict[tuple[str, str], list[dict]]:
@@ -36,7 +37,7 @@ def collect(directories: list[Path], split_by: tuple[str, ...] = ()) -> dict[tup
         for path in sorted(Path(directory).rglob("summary.json")):
             summary = json.loads(path.read_text())
             if "solved" in summary:
-                settings = {key: run_setting(path, key) for key in split_by}
+                settings = run_settings(path, split_by)
                 label = " ".join([summary["solver"], *(f"{k}={v}" for k, v in settings.items() if v is not None)])
                 runs[summary["task"], label].append(summary)
     return runs
