@@ -1,7 +1,8 @@
 """Summarize runs: `python -m hfrun.report <dir> ...` reads every summary.json below the given
 directories and prints, per (task, solver), the number of runs, the failure rate and the mean
 thousands of 1000-sequence minibatches to success over the successful runs — the units of
-Martens & Sutskever (2011), Figure 3. A run that was not solved counts as a failure.
+Martens & Sutskever (2011), Figure 3 — and the mean number of solver updates to success. A run
+that was not solved within its budget counts as a failure.
 
 `--split-by solver.lr` (repeatable) separates runs by config values, read from each run's
 `.hydra/config.yaml` next to its summary.json ("?" where a run has none; runs whose config
@@ -51,6 +52,7 @@ def rows(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
             "task": task, "solver": solver, "runs": len(summaries),
             "failure_rate": 1 - len(solved) / len(summaries),
             "kminibatches_to_success": statistics.mean(s["solved_minibatches"] / 1000 for s in solved) if solved else None,
+            "updates_to_success": statistics.mean(s["solved_update"] for s in solved) if solved else None,
             "budget_kminibatches": max(s["minibatches"] for s in summaries) / 1000,
             "mean_wall_s_to_success": statistics.mean(s["wall_time_s"] for s in solved) if solved else None,
             "final_error_unsolved": [round(s.get("final_val_error", float("nan")), 4) for s in summaries
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a dotted config key, e.g. solver.lr, whose values get separate rows")
     args = parser.parse_args(argv)
     table = Table(title="runs with a success criterion")
-    columns = ["task", "solver", "runs", "failure_rate", "kminibatches_to_success", "budget_kminibatches",
+    columns = ["task", "solver", "runs", "failure_rate", "kminibatches_to_success", "updates_to_success",
+               "budget_kminibatches",
                "mean_wall_s_to_success", "final_error_unsolved"]
     for column in columns:
         table.add_column(column)

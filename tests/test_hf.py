@@ -176,3 +176,30 @@ def test_chunked_draws_and_undamped_rho_run_end_to_end():
     stats = solver.step(stream)
     assert stats["examples_grad"] == 1000
     assert losses[-1] < 1e-2 * losses[0]
+
+
+@pytest.mark.parametrize("warm_start", ["solution", "step", "none"])
+def test_warm_start_choices(warm_start):
+    """`solution` keeps the last CG iterate, `step` the step actually taken (none after a rejected one)."""
+    torch.manual_seed(0)
+    model = MLP(1, 1, [8]).double()
+    solver = HessianFree(model, SquaredError(), gradient_batch_size=256, warm_start=warm_start, cg_max_iters=30)
+    stream = FullBatch(_sine_data())
+    before = solver.spec.flatten(trainable_parameters(model)).clone()
+    first = solver.step(stream)
+    taken = solver.spec.flatten(trainable_parameters(model)) - before
+    assert first["cg_q_start"] == 0.0
+    if warm_start == "none":
+        assert solver.warm_start is None
+    elif warm_start == "step":
+        assert first["step_size"] > 0 and torch.allclose(solver.warm_start, taken, rtol=0, atol=1e-12)
+        assert solver._next_warm_start(torch.ones_like(taken), 0.0, torch.ones_like(taken)) is None
+    else:
+        assert solver.warm_start is not None and solver.warm_start.norm() > 0
+    second = solver.step(stream)
+    assert (second["cg_q_start"] == 0.0) == (warm_start == "none")
+
+
+def test_unknown_warm_start_is_rejected():
+    with pytest.raises(ValueError, match="solver.warm_start"):
+        HessianFree(MLP(2, 1, []), SquaredError(), gradient_batch_size=10, warm_start="previous")

@@ -10,8 +10,10 @@ matrix G = Jᵀ H_L J (default) or the Hessian — λ the Levenberg-Marquardt
 damping and μλ·G_S the structural damping of an RNN's hidden pre-activations
 (M&S 2011). Then:
 
-1. CG starts from 0.95 × the previous solution and stops by Martens' relative
-   progress rule, at `cg_max_iters`, or on non-positive curvature.
+1. CG starts from 0.95 × the previous update's last CG iterate (Martens'
+   release; `warm_start: step` uses the step actually taken instead, `none`
+   zero) and stops by Martens' relative progress rule, at `cg_max_iters`, or on
+   non-positive curvature.
 2. Backtracking: starting from the last CG iterate, walk back through the saved
    iterates (i = ⌈5·1.3ʲ⌉) while the objective on the backtracking batch keeps
    improving; keep the best (Martens 2010, §4.6).
@@ -52,6 +54,7 @@ from hfrun.solvers.cg import conjugate_gradient
 CURVATURES = ("ggn", "hessian")
 PRECONDITIONERS = ("none", "martens")
 RHO_MODELS = ("damped", "undamped")
+WARM_STARTS = ("solution", "step", "none")
 
 
 class HessianFree:
@@ -71,12 +74,13 @@ class HessianFree:
                  cg_tol: float = 5e-4, cg_decay: float = 0.95, preconditioner: str = "none",
                  preconditioner_exponent: float = 0.75, weight_cost: float = 0.0, damping_min: float = 1e-8,
                  line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60,
-                 rho_model: str = "damped", chunk_size: int = 0):
+                 rho_model: str = "damped", chunk_size: int = 0, warm_start: str = "solution"):
         _check(curvature in CURVATURES, f"solver.curvature must be one of {CURVATURES}, got {curvature!r}")
         _check(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
         _check(preconditioner in PRECONDITIONERS,
                f"solver.preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
         _check(rho_model in RHO_MODELS, f"solver.rho_model must be one of {RHO_MODELS}, got {rho_model!r}")
+        _check(warm_start in WARM_STARTS, f"solver.warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
         for name, value in (("gradient_batch_size", gradient_batch_size), ("cg_max_iters", cg_max_iters)):
             _check(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
         _check(initial_damping > 0, f"solver.initial_damping must be > 0, got {initial_damping}")
@@ -95,7 +99,7 @@ class HessianFree:
         self.preconditioner, self.preconditioner_exponent = preconditioner, float(preconditioner_exponent)
         self.line_search_c, self.line_search_shrink = float(line_search_c), float(line_search_shrink)
         self.max_line_search = int(max_line_search)
-        self.rho_model, self.chunk_size = rho_model, int(chunk_size)
+        self.rho_model, self.chunk_size, self.warm_start_from = rho_model, int(chunk_size), warm_start
         self.damping = float(initial_damping)
         self.spec = ParamSpec.from_module(model)
         self.warm_start: Tensor | None = None
@@ -170,7 +174,6 @@ class HessianFree:
         x0 = None if self.warm_start is None else self.cg_decay * self.warm_start
         cg = conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters,
                                 tol=self.cg_tol, preconditioner=preconditioner)
-        self.warm_start = cg.solution.detach()
         time_cg = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -187,6 +190,7 @@ class HessianFree:
         self._update_damping(rho)
         step_size, objective_final = self._line_search(theta, direction, gradient, objective_before,
                                                        objective_after, backtrack_batch)
+        self.warm_start = self._next_warm_start(cg.solution, step_size, direction)
         with torch.no_grad():
             new_theta = theta + step_size * direction
             for p, value in zip(trainable_parameters(self.model).values(), self.spec.unflatten(new_theta).values()):
@@ -195,12 +199,20 @@ class HessianFree:
         # Forward-only evaluations (backtracking, line search) are not counted as examples, as in M&S 2011.
         return {
             "loss": data_loss, "objective": loss_before, "lambda": self.damping, "rho": rho,
-            "cg_iters": cg.iterations, "cg_chosen_iter": chosen_iter, "q_reduction": -model_reduction,
+            "cg_iters": cg.iterations, "cg_chosen_iter": chosen_iter, "cg_q_start": cg.q_values[0], "q_reduction": -model_reduction,
             "actual_reduction": objective_before - objective_after,
             "line_search_reduction": objective_before - objective_final, "step_size": step_size,
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
             "examples_grad": examples_grad, "examples_curv": products * curvature_batch.size,
         }
+
+    def _next_warm_start(self, solution: Tensor, step_size: float, direction: Tensor) -> Tensor | None:
+        """What the next CG starts from (times cg_decay): the last CG iterate, the step taken, or nothing."""
+        if self.warm_start_from == "solution":
+            return solution.detach()
+        if self.warm_start_from == "step" and step_size > 0:
+            return (step_size * direction).detach()
+        return None
 
     def _backtrack(self, theta: Tensor, iterates, batch) -> tuple[int, Tensor, float]:
         """Walk back from the last saved CG iterate while f keeps improving; return (iteration, d, f(θ+d))."""
