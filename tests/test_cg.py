@@ -81,6 +81,23 @@ def test_warm_start_and_preconditioner_still_solve(generator):
     torch.testing.assert_close(result.solution, expected, rtol=1e-9, atol=1e-9 * expected.abs().max())
 
 
+@pytest.mark.parametrize("uphill", [True, False])
+def test_restart_uphill_drops_only_a_warm_start_worse_than_zero(generator, uphill):
+    A = random_spd(30, 1e3, generator)
+    g = torch.randn(30, dtype=DTYPE, generator=generator)
+    expected = torch.linalg.solve(A, -g)
+    x0 = -3.0 * expected if uphill else 0.5 * expected  # q(-3x*) = 7.5·|q(x*)| > 0; q(x*/2) = 0.75·q(x*) < 0
+    result = conjugate_gradient(lambda v: A @ v, g, x0=x0, max_iters=300, tol=0.0, restart_uphill=True)
+    assert result.q_warm_start == pytest.approx(quadratic(A, g, x0), rel=1e-12)
+    assert result.restarted == uphill
+    assert result.q_values[0] == (0.0 if uphill else pytest.approx(quadratic(A, g, x0), rel=1e-12))
+    first_saved_iterate = dict(result.iterates)[5]
+    fresh = conjugate_gradient(lambda v: A @ v, g, max_iters=5, tol=0.0)
+    if uphill:  # the same iterates as a cold start
+        torch.testing.assert_close(first_saved_iterate, fresh.solution, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(result.solution, expected, rtol=1e-9, atol=1e-9 * expected.abs().max())
+
+
 def test_relative_progress_rule_stops_early_and_saves_the_scheduled_iterates(generator):
     A = random_spd(300, 1e3, generator)
     g = torch.randn(300, dtype=DTYPE, generator=generator)

@@ -6,7 +6,8 @@ product `mv(v) = A v` (Martens 2010):
   - termination by relative progress: stop at iteration i when i > k, φ_i < 0 and
     (φ_i − φ_{i−k})/φ_i < k·ε, with k = max(10, ⌈0.1·i⌉), ε = `tol`, φ_i = q(x_i);
   - non-positive curvature pᵀAp ≤ 0 stops without taking that step, keeping the last iterate;
-  - iterates are saved at i = ⌈5·1.3ʲ⌉ and at the end, for backtracking over them.
+  - iterates are saved at i = ⌈5·1.3ʲ⌉ and at the end, for backtracking over them;
+  - with `restart_uphill`, a warm start x0 with q(x0) > 0 = q(0) is dropped and CG starts from 0.
 φ is tracked from the residual r = −g − Ax at no extra product: φ(x) = ½ xᵀ(g − r).
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ class CGResult:
     stop_reason: str  # 'progress' | 'max_iters' | 'negative_curvature' | 'converged'
     iterates: list[tuple[int, Tensor]] = field(default_factory=list)
     q_values: list[float] = field(default_factory=list)
+    q_warm_start: float = 0.0  # q(x0) of the given start (0 without one), before any restart
+    restarted: bool = False    # x0 was dropped because q(x0) > 0
 
 
 def saved_iterations(max_iters: int) -> list[int]:
@@ -50,7 +53,7 @@ def made_too_little_progress(q_values: list[float], i: int, tol: float) -> bool:
 
 def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | None = None,
                        max_iters: int = 250, tol: float = 5e-4, preconditioner: Tensor | None = None,
-                       save_iterates: bool = True) -> CGResult:
+                       save_iterates: bool = True, restart_uphill: bool = False) -> CGResult:
     """Approximately minimise q(x) = gᵀx + ½xᵀAx from x0 (default 0); see the module docstring.
 
     `tol` = 0 switches the relative-progress test off; CG then runs until
@@ -63,10 +66,13 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | N
         raise ValueError(f"preconditioner shape {tuple(preconditioner.shape)} does not match g {tuple(g.shape)}")
     x = torch.zeros_like(g) if x0 is None else x0.clone()
     residual = -g if x0 is None else -g - mv(x)
+    q_values = [0.0 if x0 is None else 0.5 * float(torch.dot(x, g - residual))]
+    q_warm_start, restarted = q_values[0], restart_uphill and q_values[0] > 0
+    if restarted:  # the warm start is worse than no step at all
+        x, residual, q_values = torch.zeros_like(g), -g, [0.0]
     preconditioned = residual if preconditioner is None else residual / preconditioner
     direction = preconditioned.clone()
     rz = torch.dot(residual, preconditioned)
-    q_values = [0.0 if x0 is None else 0.5 * float(torch.dot(x, g - residual))]
     rz_start = float(rz)
     vanished = rz_start * torch.finfo(g.dtype).eps ** 2
     save_at = set(saved_iterations(max_iters)) if save_iterates else set()
@@ -106,4 +112,5 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | N
             rz = rz_next
     if save_iterates and (not iterates or iterates[-1][0] != i):
         iterates.append((i, x.clone()))
-    return CGResult(solution=x, iterations=i, stop_reason=stop_reason, iterates=iterates, q_values=q_values)
+    return CGResult(solution=x, iterations=i, stop_reason=stop_reason, iterates=iterates, q_values=q_values,
+                    q_warm_start=q_warm_start, restarted=restarted)

@@ -74,7 +74,8 @@ class HessianFree:
                  cg_tol: float = 5e-4, cg_decay: float = 0.95, preconditioner: str = "none",
                  preconditioner_exponent: float = 0.75, weight_cost: float = 0.0, damping_min: float = 1e-8,
                  line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60,
-                 rho_model: str = "damped", chunk_size: int = 0, warm_start: str = "solution"):
+                 rho_model: str = "damped", chunk_size: int = 0, warm_start: str = "solution",
+                 restart_uphill: bool = False):
         _check(curvature in CURVATURES, f"solver.curvature must be one of {CURVATURES}, got {curvature!r}")
         _check(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
         _check(preconditioner in PRECONDITIONERS,
@@ -100,6 +101,7 @@ class HessianFree:
         self.line_search_c, self.line_search_shrink = float(line_search_c), float(line_search_shrink)
         self.max_line_search = int(max_line_search)
         self.rho_model, self.chunk_size, self.warm_start_from = rho_model, int(chunk_size), warm_start
+        self.restart_uphill = bool(restart_uphill)
         self.damping = float(initial_damping)
         self.spec = ParamSpec.from_module(model)
         self.warm_start: Tensor | None = None
@@ -173,7 +175,7 @@ class HessianFree:
 
         x0 = None if self.warm_start is None else self.cg_decay * self.warm_start
         cg = conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters,
-                                tol=self.cg_tol, preconditioner=preconditioner)
+                                tol=self.cg_tol, preconditioner=preconditioner, restart_uphill=self.restart_uphill)
         time_cg = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -199,7 +201,8 @@ class HessianFree:
         # Forward-only evaluations (backtracking, line search) are not counted as examples, as in M&S 2011.
         return {
             "loss": data_loss, "objective": loss_before, "lambda": self.damping, "rho": rho,
-            "cg_iters": cg.iterations, "cg_chosen_iter": chosen_iter, "cg_q_start": cg.q_values[0], "q_reduction": -model_reduction,
+            "cg_iters": cg.iterations, "cg_chosen_iter": chosen_iter, "cg_q_start": cg.q_warm_start,
+            "cg_restarted": float(cg.restarted), "q_reduction": -model_reduction,
             "actual_reduction": objective_before - objective_after,
             "line_search_reduction": objective_before - objective_final, "step_size": step_size,
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
