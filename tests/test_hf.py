@@ -203,3 +203,35 @@ def test_warm_start_choices(warm_start):
 def test_unknown_warm_start_is_rejected():
     with pytest.raises(ValueError, match="solver.warm_start"):
         HessianFree(MLP(2, 1, []), SquaredError(), gradient_batch_size=10, warm_start="previous")
+
+
+class SlicingStream:
+    """Hands out consecutive rows of fixed data, so the test knows which cases each chunk holds."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets, self.position = inputs, targets, 0
+
+    def next(self, batch_size: int) -> Batch:
+        rows = slice(self.position, self.position + batch_size)
+        self.position += batch_size
+        return Batch(self.inputs[rows], self.targets[rows])
+
+
+def test_curvature_batch_spanning_several_chunks_is_their_size_weighted_mean():
+    """The CG system against a dense float64 solve: G on the first 600 of 1000 cases, drawn in chunks of 300."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(1000, 10, generator=generator, dtype=torch.float64)
+    targets = inputs @ torch.randn(10, 1, generator=generator, dtype=torch.float64) + 0.3
+    model = MLP(10, 1, []).double()
+    damping, weight_cost = 0.5, 1e-3
+    solver = HessianFree(model, SquaredError(), gradient_batch_size=1000, curvature_batch_size=600, chunk_size=300,
+                         initial_damping=damping, weight_cost=weight_cost, cg_max_iters=100, cg_tol=0.0)
+    theta = solver.spec.flatten(trainable_parameters(model)).clone()
+    stats = solver.step(SlicingStream(inputs, targets))
+    design = torch.cat([inputs, torch.ones(1000, 1, dtype=torch.float64)], dim=1)  # weight then bias
+    residual = design @ theta[:, None] - targets
+    gradient = (design.T @ residual / 1000).squeeze(1) + weight_cost * theta
+    curvature = design[:600].T @ design[:600] / 600 + (damping + weight_cost) * torch.eye(11, dtype=torch.float64)
+    expected = torch.linalg.solve(curvature, -gradient)
+    torch.testing.assert_close(solver.warm_start, expected, rtol=1e-9, atol=1e-12)
+    assert stats["examples_curv"] == 600 * stats["cg_iters"]

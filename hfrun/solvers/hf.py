@@ -32,7 +32,8 @@ A task that draws one sequence length per draw (the pathological tasks) then
 gives a gradient batch that mixes lengths, as Sutskever's 10 × 1000 gradient
 does, instead of fitting a single length per update. f and ∇f on a chunked
 batch are the size-weighted means over its chunks; the curvature batch is the
-first `curvature_batch_size` cases of the first chunk.
+first `curvature_batch_size` cases of the gradient batch, in as many chunks as
+they span, its products the size-weighted means of the chunks' products.
 
 The objective f includes the L2 weight cost ½·weight_cost·‖θ‖², whose
 curvature weight_cost·I is added to C. Losses are per-case means, so λ does
@@ -146,21 +147,24 @@ class HessianFree:
         theta = self.spec.flatten(trainable_parameters(self.model))
         gradient_batch = self._draw(stream, self.gradient_batch_size)
         gradient_cases = sum(batch.size for batch in gradient_batch)
-        curvature_batch = _first(gradient_batch[0], self.curvature_batch_size)
+        curvature_chunks = _leading_cases(gradient_batch, self.curvature_batch_size)
+        curvature_cases = sum(chunk.size for chunk in curvature_chunks)
         data_loss, loss_before, gradient = self._gradient(theta, gradient_batch)
         if not (math.isfinite(loss_before) and bool(torch.isfinite(gradient).all())):
             # Nothing sensible can follow; leave θ as it is and let the caller see the non-finite loss.
             return {"loss": math.nan if math.isfinite(data_loss) else data_loss, "objective": loss_before,
                     "examples_grad": gradient_cases, "examples_curv": 0}
-        operator = CurvatureOperator(self.model, self.loss, curvature_batch, damping=self.damping,
-                                     structural_damping=self.structural_damping, curvature=self.curvature,
-                                     jv_method=self.jv_method)
+        operators = [CurvatureOperator(self.model, self.loss, chunk, damping=self.damping,
+                                       structural_damping=self.structural_damping, curvature=self.curvature,
+                                       jv_method=self.jv_method) for chunk in curvature_chunks]
+        weights = [chunk.size / curvature_cases for chunk in curvature_chunks]
         preconditioner, examples_grad = None, gradient_cases
         if self.preconditioner == "martens":
             # Martens' release: the mean over cases of the squared per-case gradients ∇ℓᵢ². The operator
             # returns Σᵢ(∇ℓᵢ/B)², so multiply by B. Per-case gradients cost about a gradient on that batch.
-            squares = per_case_gradient_squares(self.model, self.loss, curvature_batch) * curvature_batch.size
-            examples_grad += curvature_batch.size
+            squares = sum(per_case_gradient_squares(self.model, self.loss, chunk) * chunk.size * weight
+                          for chunk, weight in zip(curvature_chunks, weights))
+            examples_grad += curvature_cases
             preconditioner = martens_preconditioner(squares, self.damping + self.weight_cost,
                                                     self.preconditioner_exponent)
         time_gradient = time.perf_counter() - clock
@@ -171,7 +175,9 @@ class HessianFree:
         def damped_curvature(v: Tensor) -> Tensor:
             nonlocal products
             products += 1
-            return operator.mv(v) + self.weight_cost * v if self.weight_cost else operator.mv(v)
+            product = (operators[0].mv(v) if len(operators) == 1
+                       else sum(weight * operator.mv(v) for weight, operator in zip(weights, operators)))
+            return product + self.weight_cost * v if self.weight_cost else product
 
         x0 = None if self.warm_start is None else self.cg_decay * self.warm_start
         cg = conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters,
@@ -185,9 +191,11 @@ class HessianFree:
         chosen_iter, direction, objective_after = self._backtrack(theta, cg.iterates, backtrack_batch)
         model_reduction = cg.q_values[chosen_iter]
         if self.rho_model == "undamped":
-            operator.damping = 0.0  # drops both λI and μλ·G_S
+            for operator in operators:
+                operator.damping = 0.0  # drops both λI and μλ·G_S
             model_reduction = _quadratic_value(damped_curvature, gradient, direction)
-            operator.damping = self.damping
+            for operator in operators:
+                operator.damping = self.damping
         rho = self._reduction_ratio(objective_before, objective_after, model_reduction)
         self._update_damping(rho)
         step_size, objective_final = self._line_search(theta, direction, gradient, objective_before,
@@ -206,7 +214,7 @@ class HessianFree:
             "actual_reduction": objective_before - objective_after,
             "line_search_reduction": objective_before - objective_final, "step_size": step_size,
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
-            "examples_grad": examples_grad, "examples_curv": products * curvature_batch.size,
+            "examples_grad": examples_grad, "examples_curv": products * curvature_cases,
         }
 
     def _next_warm_start(self, solution: Tensor, step_size: float, direction: Tensor) -> Tensor | None:
@@ -272,11 +280,18 @@ def _quadratic_value(curvature_product, gradient: Tensor, d: Tensor) -> float:
     return float(gradient.dot(d) + 0.5 * d.dot(curvature_product(d)))
 
 
-def _first(batch, size: int):
-    """The first `size` cases of a batch: Martens' curvature chunk of the gradient batch."""
-    if size >= batch.size:
-        return batch
-    return type(batch)(batch.inputs[:size], batch.targets[:size], None if batch.mask is None else batch.mask[:size])
+def _leading_cases(chunks: list, size: int) -> list:
+    """The first `size` cases of a chunked batch, as chunks: Martens' curvature chunk of the gradient batch."""
+    taken = []
+    for batch in chunks:
+        if size <= 0:
+            break
+        if size < batch.size:
+            batch = type(batch)(batch.inputs[:size], batch.targets[:size],
+                                None if batch.mask is None else batch.mask[:size])
+        taken.append(batch)
+        size -= batch.size
+    return taken
 
 
 def _check(condition: bool, message: str) -> None:
