@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import inspect
 import math
 import signal
 import time
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hfrun.checkpoint import load_checkpoint, save_checkpoint
@@ -151,16 +152,54 @@ def _plain(cfg: DictConfig, key: str):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "not set"
+
+
+ABSENT = _Absent()
+
+
 def _differences(saved, current, prefix: str) -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         return [line for key in sorted(set(saved) | set(current))
-                for line in _differences(saved.get(key), current.get(key), f"{prefix}.{key}")]
+                for line in _differences(saved.get(key, ABSENT), current.get(key, ABSENT), f"{prefix}.{key}")]
     return [] if saved == current else [f"{prefix}={saved!r} in the run, {current!r} now"]
+
+
+def _options_added_since(saved_group: dict, current_group: dict) -> set[str]:
+    """Options the run's config lacks because hfrun gained them after the run started, set now to their default.
+
+    An option is added with its constructor default equal to the behaviour before it existed, so a run that
+    predates it used exactly that default and may resume with it; any other value is a real change."""
+    try:
+        parameters = inspect.signature(get_object(saved_group["_target_"])).parameters
+    except Exception:  # an unknown or renamed target: no leniency, every difference is reported
+        return set()
+    return {key for key in current_group.keys() - saved_group.keys()
+            if key in parameters and parameters[key].default is not inspect.Parameter.empty
+            and parameters[key].default == current_group[key]}
+
+
+def _resume_view(cfg: DictConfig, key: str, saved_group=None):
+    """The part of the config under `key` that a resume must keep, as plain data. A task's solver_hints act only
+    through the solver.* values they set, which are compared themselves."""
+    value = _plain(cfg, key)
+    if not isinstance(value, dict):
+        return value
+    value = {k: v for k, v in value.items() if k != "solver_hints"}
+    if isinstance(saved_group, dict):
+        for added in _options_added_since(saved_group, value):
+            del value[added]
+    return value
 
 
 def check_resume_matches(saved_yaml: str, cfg: DictConfig, path: Path) -> None:
     saved = OmegaConf.create(saved_yaml)
-    differences = [line for key in RESUME_MUST_MATCH for line in _differences(_plain(saved, key), _plain(cfg, key), key)]
+    differences = []
+    for key in RESUME_MUST_MATCH:
+        saved_view = _resume_view(saved, key)
+        differences += _differences(saved_view, _resume_view(cfg, key, saved_view), key)
     if differences:
         raise HfrunError(f"The run in {path} was started with a different config than this command: "
                          f"{'; '.join(differences)}. Resume with the original task, model, solver, seed, dtype "

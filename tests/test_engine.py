@@ -8,10 +8,11 @@ import signal
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hfrun.checkpoint import load_checkpoint, save_checkpoint
-from hfrun.engine import Run
+from hfrun.engine import Run, check_resume_matches
 from hfrun.errors import HfrunError
 
 SUMMARY_KEYS = {"task", "solver", "seed", "status", "updates", "examples_grad", "examples_curv", "wall_time_s",
@@ -173,6 +174,34 @@ def test_resume_with_other_solver_is_refused(make_config, tmp_path):
         Run(make_config(*FAST, "solver=sgd", f"run.resume={tmp_path}"), tmp_path)
     with pytest.raises(HfrunError, match="run.dtype='float32' in the run, 'float64' now"):
         Run(make_config(*FAST, "run.dtype=float64", f"run.resume={tmp_path}"), tmp_path)
+
+
+def _config_before(cfg, *removed: str) -> str:
+    """The run's config as a checkpoint of an older hfrun holds it: without the options added since."""
+    old = OmegaConf.create(OmegaConf.to_yaml(cfg))
+    for key in removed:
+        group, name = key.rsplit(".", 1)
+        OmegaConf.select(old, group).pop(name)
+    return OmegaConf.to_yaml(old)
+
+
+def test_resume_accepts_options_added_since_at_their_default(make_config, tmp_path):
+    cfg = make_config("solver=hf", *HF_SMALL)
+    saved = _config_before(cfg, "solver.warm_start", "solver.restart_uphill")
+    check_resume_matches(saved, cfg, tmp_path)  # the defaults are what the old run did
+    with pytest.raises(HfrunError, match=r"solver.warm_start=not set in the run, 'step' now"):
+        check_resume_matches(saved, make_config("solver=hf", *HF_SMALL, "solver.warm_start=step"), tmp_path)
+    with pytest.raises(HfrunError, match=r"solver.cg_max_iters=20 in the run, 30 now"):
+        check_resume_matches(saved, make_config("solver=hf", *HF_SMALL, "solver.cg_max_iters=30"), tmp_path)
+
+
+def test_resume_compares_solver_hints_only_through_the_solver(make_config, tmp_path):
+    cfg = make_config("solver=hf", "task=addition_T30", "run.device=cpu")
+    saved = _config_before(cfg, "task.solver_hints.jv_method")
+    with pytest.raises(HfrunError, match=r"solver.jv_method='jvp' in the run, 'linearize' now") as refused:
+        check_resume_matches(saved, cfg, tmp_path)
+    assert "solver_hints" not in str(refused.value)
+    check_resume_matches(saved, make_config("solver=hf", "task=addition_T30", "solver.jv_method=jvp"), tmp_path)
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
