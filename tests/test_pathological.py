@@ -321,7 +321,8 @@ def test_rnn_shapes_and_argument_checks():
     assert model(x).shape == z.shape == (4, 9, 5) and a.shape == (4, 9, 20)
     for kwargs, message in [({"init": "xavier"}, "model.init"), ({"impl": "cudnn"}, "model.impl"),
                             ({"hidden_size": 0}, "hidden_size"), ({"spectral_radius": -1.0}, "spectral_radius"),
-                            ({"sparse_fan_in": 0}, "sparse_fan_in"), ({"input_scale": float("nan")}, "input_scale")]:
+                            ({"sparse_fan_in": 0}, "sparse_fan_in"), ({"input_scale": float("nan")}, "input_scale"),
+                            ({"sparse_scale": "xavier"}, "model.sparse_scale")]:
         with pytest.raises(ValueError, match=message):
             RNN(3, 5, **kwargs)
     with pytest.raises(ValueError, match="inputs"):
@@ -340,6 +341,16 @@ def test_sparse_init_has_fifteen_nonzeros_per_unit():
     # N(0,1)/√15 recurrent, N(0,1)/√2·0.25 input
     assert abs(float(recurrent[recurrent != 0].var()) * 15 - 1) < 0.15
     assert abs(float(inputs[inputs != 0].var()) * 2 / 0.25**2 - 1) < 0.3
+
+
+def test_sparse_init_scaled_by_the_fan_in_as_sutskevers_release():
+    """sparse_scale=fan_in: every non-zero N(0,1)/√15 even where a row holds fewer (Sutskever's sparsify_strict)."""
+    torch.manual_seed(0)
+    model = RNN(2, 4, hidden_size=400, sparse_scale="fan_in")
+    recurrent, inputs = model.rnn.weight_hh_l0.detach(), model.rnn.weight_ih_l0.detach()
+    assert ((recurrent != 0).sum(1) == 15).all() and ((inputs != 0).sum(1) == 2).all()
+    assert abs(float(recurrent[recurrent != 0].var()) * 15 - 1) < 0.1
+    assert abs(float(inputs[inputs != 0].var()) * 15 / 0.25**2 - 1) < 0.2  # 2/15 of the variance of "nonzeros"
 
 
 def test_spectral_init_has_the_requested_radius():

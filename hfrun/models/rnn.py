@@ -9,8 +9,13 @@ damping by `forward_with_preactivations`.
 
 Initializations:
   - "sparse" (M&S 2011): every unit has `sparse_fan_in` non-zero incoming
-    weights (at most the layer's fan-in) drawn from N(0, 1)/√k, k the number of
-    non-zeros, in W_hh, W_ih and W_ho; W_ih is then scaled by `input_scale`.
+    weights (at most the layer's fan-in) in W_hh, W_ih and W_ho, drawn from
+    N(0, 1)/√k; W_ih is then scaled by `input_scale`. `sparse_scale` picks k:
+    "nonzeros", the number of non-zeros in the row (fewer than `sparse_fan_in`
+    where the layer has fewer inputs, e.g. W_ih of a 2-input task), or "fan_in",
+    `sparse_fan_in` itself whatever the row holds, as Sutskever's release does
+    (its `sparsify_strict` with scale 1/√15). The two differ only for layers with
+    fewer than `sparse_fan_in` inputs.
   - "spectral" (Sutskever et al. 2013): W_hh sparse as above, then rescaled to
     spectral radius `spectral_radius`; W_ih = 0.001·N(0, 1), dense;
     W_ho sparse as above. `input_scale` is not used.
@@ -26,11 +31,15 @@ from torch import Tensor, nn
 SPECTRAL_INPUT_STD = 0.001  # Sutskever et al. 2013: input-to-hidden weights 0.001·N(0, 1)
 
 
-def sparse_weight(rows: int, cols: int, fan_in: int) -> Tensor:
-    """(rows, cols) with min(fan_in, cols) non-zeros per row at random columns, each N(0, 1)/√k."""
+SPARSE_SCALES = ("nonzeros", "fan_in")
+
+
+def sparse_weight(rows: int, cols: int, fan_in: int, scale: str = "nonzeros") -> Tensor:
+    """(rows, cols) with min(fan_in, cols) non-zeros per row at random columns, each N(0, 1)/√k,
+    k = the number of non-zeros (scale="nonzeros") or fan_in (scale="fan_in")."""
     nonzeros = min(fan_in, cols)
     columns = torch.rand(rows, cols).argsort(dim=1)[:, :nonzeros]
-    values = torch.randn(rows, nonzeros) / math.sqrt(nonzeros)
+    values = torch.randn(rows, nonzeros) / math.sqrt(nonzeros if scale == "nonzeros" else fan_in)
     return torch.zeros(rows, cols).scatter_(1, columns, values)
 
 
@@ -79,7 +88,7 @@ class RNN(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, hidden_size: int = 100, init: str = "sparse",
                  sparse_fan_in: int = 15, input_scale: float = 0.25, spectral_radius: float = 1.1,
-                 impl: str = "loop"):
+                 impl: str = "loop", sparse_scale: str = "nonzeros"):
         super().__init__()
         for label, size in (("input_size", input_size), ("output_size", output_size),
                             ("hidden_size", hidden_size), ("sparse_fan_in", sparse_fan_in)):
@@ -89,6 +98,8 @@ class RNN(nn.Module):
             raise ValueError(f"model.init={init!r} is unknown; choose one of {sorted(INITIALIZERS)}")
         if impl not in HIDDEN_STATES:
             raise ValueError(f"model.impl={impl!r} is unknown; choose one of {sorted(HIDDEN_STATES)}")
+        if sparse_scale not in SPARSE_SCALES:
+            raise ValueError(f"model.sparse_scale={sparse_scale!r} is unknown; choose one of {SPARSE_SCALES}")
         if not (math.isfinite(input_scale) and input_scale >= 0):
             raise ValueError(f"model.input_scale must be finite and >= 0, got {input_scale!r}")
         if not (math.isfinite(spectral_radius) and spectral_radius > 0):
@@ -98,8 +109,8 @@ class RNN(nn.Module):
         self.rnn = nn.RNN(input_size, hidden_size, nonlinearity="tanh", batch_first=True)
         self.readout = nn.Linear(hidden_size, output_size)
         with torch.no_grad():
-            INITIALIZERS[init](self, sparse_fan_in=sparse_fan_in, input_scale=input_scale,
-                               spectral_radius=spectral_radius)
+            INITIALIZERS[init](self, sparse_fan_in=sparse_fan_in, sparse_scale=sparse_scale,
+                               input_scale=input_scale, spectral_radius=spectral_radius)
 
     def _check_inputs(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.input_size:
@@ -127,17 +138,20 @@ class RNN(nn.Module):
         return self.readout(hidden), preactivations
 
 
-def init_sparse(model: RNN, *, sparse_fan_in: int, input_scale: float, spectral_radius: float) -> None:
+def init_sparse(model: RNN, *, sparse_fan_in: int, sparse_scale: str, input_scale: float,
+                spectral_radius: float) -> None:
     """M&S 2011 sparse initialization (see the module docstring)."""
     rnn = model.rnn
-    rnn.weight_hh_l0.copy_(sparse_weight(model.hidden_size, model.hidden_size, sparse_fan_in))
-    rnn.weight_ih_l0.copy_(input_scale * sparse_weight(model.hidden_size, model.input_size, sparse_fan_in))
-    model.readout.weight.copy_(sparse_weight(model.output_size, model.hidden_size, sparse_fan_in))
+    rnn.weight_hh_l0.copy_(sparse_weight(model.hidden_size, model.hidden_size, sparse_fan_in, sparse_scale))
+    rnn.weight_ih_l0.copy_(input_scale * sparse_weight(model.hidden_size, model.input_size, sparse_fan_in,
+                                                       sparse_scale))
+    model.readout.weight.copy_(sparse_weight(model.output_size, model.hidden_size, sparse_fan_in, sparse_scale))
     for bias in (rnn.bias_ih_l0, rnn.bias_hh_l0, model.readout.bias):
         bias.zero_()
 
 
-def init_spectral(model: RNN, *, sparse_fan_in: int, input_scale: float, spectral_radius: float) -> None:
+def init_spectral(model: RNN, *, sparse_fan_in: int, sparse_scale: str, input_scale: float,
+                  spectral_radius: float) -> None:
     """Sutskever et al. 2013: sparse W_hh rescaled to the given spectral radius, tiny dense W_ih."""
     recurrent = sparse_weight(model.hidden_size, model.hidden_size, sparse_fan_in)
     radius = spectral_radius_of(recurrent)
@@ -146,7 +160,7 @@ def init_spectral(model: RNN, *, sparse_fan_in: int, input_scale: float, spectra
     rnn = model.rnn
     rnn.weight_hh_l0.copy_(recurrent * (spectral_radius / radius))
     rnn.weight_ih_l0.copy_(SPECTRAL_INPUT_STD * torch.randn(model.hidden_size, model.input_size))
-    model.readout.weight.copy_(sparse_weight(model.output_size, model.hidden_size, sparse_fan_in))
+    model.readout.weight.copy_(sparse_weight(model.output_size, model.hidden_size, sparse_fan_in, sparse_scale))
     for bias in (rnn.bias_ih_l0, rnn.bias_hh_l0, model.readout.bias):
         bias.zero_()
 
