@@ -65,6 +65,10 @@ def _is_int(value) -> bool:
 
 def validate_run_config(cfg: DictConfig) -> None:
     """Check types and ranges of `seed` and the `run` group; name the bad key and how to fix it."""
+    unset = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("model."))  # model: from task
+    _require(not unset, f"{', '.join(unset)} must be set: the config leaves it as ???. Give it on the command "
+             "line, e.g. task.T=30 (a pathological task's minimum length), or pick a config that sets it, "
+             "e.g. task=addition_T30.")
     _require(_is_int(cfg.seed), f"seed must be an integer, got {cfg.seed!r}. Example: seed=3.")
     run = cfg.run
     min_delta = run.early_stop.min_delta

@@ -65,6 +65,14 @@ def test_unknown_solver(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_task_without_its_length_is_explained(tmp_path):
+    result = run_hfrun("solver=hf", "task=addition", "run.max_updates=1", cwd=tmp_path)
+    assert result.returncode == 1
+    message = " ".join(result.stderr.split())
+    assert "task.T must be set" in message and "task=addition_T30" in message
+    assert "Traceback" not in result.stderr
+
+
 def test_wrong_type_override_is_explained(tmp_path):
     result = run_hfrun("run.max_updates=abc", cwd=tmp_path)
     assert result.returncode == 1

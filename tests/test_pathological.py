@@ -85,8 +85,8 @@ def test_bad_arguments_are_refused():
         make_task("addition", T=5)
     with pytest.raises(ValueError, match="T >= 11"):
         make_task("memorization20", T=10)
-    with pytest.raises(ValueError, match="eval_sequences"):
-        make_task("xor", eval_sequences=0)
+    with pytest.raises(ValueError, match="eval_sequences must be at least 1000"):
+        make_task("xor", eval_sequences=999)
     task = make_task("temporal_order")
     batch = task.eval_batches()[0]
     with pytest.raises(ValueError, match="outputs have shape"):
@@ -230,6 +230,16 @@ def test_held_out_set_size_batches_and_cache():
     assert [batch.size for batch in batches] == [1000, 1000, 500]
     assert len({batch.inputs.shape[1] for batch in batches}) > 1
     assert task.eval_batches() is batches
+
+
+@pytest.mark.parametrize("stem,T,lengths", [("addition", 200, range(200, 220)), ("temporal_order", 30, range(30, 33)),
+                                            ("memorization5", 30, range(35, 38)), ("xor", 15, range(15, 16))])
+def test_held_out_set_holds_every_length(stem, T, lengths):
+    batches = make_task(stem, T=T).eval_batches()
+    assert sum(batch.size for batch in batches) == 2000 and len(batches) == 20
+    assert sorted({batch.inputs.shape[1] for batch in batches}) == list(lengths)
+    generator = torch.Generator().manual_seed(0)
+    assert {make_task(stem, T=T).sample_length(generator) for _ in range(400)} == set(lengths)
 
 
 def test_train_stream_resumes_exactly():

@@ -19,8 +19,9 @@ Python loop over sequences. Shared conventions:
     where "correct" is defined per task on its last `scored_steps` steps.
     The task is solved when the held-out 0-1 error falls below 0.001
     (Sutskever's stopping rule).
-  - The held-out set is `eval_sequences` sequences in batches of
-    `eval_batch_size`, each batch with its own length, drawn once from a
+  - The held-out set is `eval_sequences` (at least 1,000) sequences in batches
+    of `eval_batch_size`; the batches take the possible lengths in turn, so
+    every length is held out, and their contents are drawn once from a
     generator seeded with seed + EVAL_SEED_OFFSET and cached.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from hfrun.tasks.base import Batch, GeneratedStream, Task, make_generator
 
 EVAL_SEED_OFFSET = 1_000_003  # the held-out generator's seed is seed + this; far from any sweep's seeds
 VALUE_TOLERANCE = 0.04  # addition/multiplication: correct when |prediction − target| < this
+MIN_HELD_OUT = 1000  # "solved" needs the error below 0.001 on at least this many held-out sequences
 
 
 def argmax_correct(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -90,12 +92,13 @@ class PathologicalTask(Task):
     step_correct: Callable[[Tensor, Tensor], Tensor]
 
     def __init__(self, *, name: str, T: int, seed: int, device: torch.device | str, dtype: torch.dtype,
-                 eval_sequences: int = 2000, eval_batch_size: int = 1000):
+                 eval_sequences: int = 2000, eval_batch_size: int = 100):
         if not isinstance(T, int) or T < self.min_T:
             raise ValueError(f"{type(self).__name__} needs an integer T >= {self.min_T}, got T={T!r}")
-        if eval_sequences < 1 or eval_batch_size < 1:
-            raise ValueError(f"eval_sequences and eval_batch_size must be positive, "
-                             f"got {eval_sequences} and {eval_batch_size}")
+        if eval_sequences < MIN_HELD_OUT or eval_batch_size < 1:
+            raise ValueError(f"task.eval_sequences must be at least {MIN_HELD_OUT} (the success criterion is an "
+                             f"error below 0.001 on at least that many held-out sequences) and task.eval_batch_size "
+                             f"positive, got {eval_sequences} and {eval_batch_size}")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point type, got {dtype}")
         self.name, self.T, self.seed = name, T, seed
@@ -106,9 +109,14 @@ class PathologicalTask(Task):
     def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
         raise NotImplementedError
 
+    def lengths(self) -> range:
+        """The possible sequence lengths, [T, T + T//10)."""
+        return range(self.T, self.T + self.T // 10)
+
     def sample_length(self, generator: torch.Generator) -> int:
-        """One length for a whole batch, uniform on [T, T + T//10)."""
-        return int(torch.randint(self.T, self.T + self.T // 10, (1,), generator=generator, device=self.device))
+        """One length for a whole batch, uniform on `lengths()`."""
+        lengths = self.lengths()
+        return int(torch.randint(lengths.start, lengths.stop, (1,), generator=generator, device=self.device))
 
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         return self.make_batch(batch_size, self.sample_length(generator), generator)
@@ -121,7 +129,9 @@ class PathologicalTask(Task):
             generator = make_generator(self.seed + EVAL_SEED_OFFSET, self.device)
             full, rest = divmod(self.eval_sequences, self.eval_batch_size)
             sizes = [self.eval_batch_size] * full + ([rest] if rest else [])
-            self._eval_batches = [self.sample_batch(size, generator) for size in sizes]
+            lengths = self.lengths()
+            self._eval_batches = [self.make_batch(size, lengths[i % len(lengths)], generator)
+                                  for i, size in enumerate(sizes)]
         return self._eval_batches
 
     def correct(self, outputs: Tensor, batch: Batch) -> Tensor:
@@ -296,8 +306,10 @@ class NoiselessMemorization(PathologicalTask):
     def scored_steps(self) -> int:
         return self.memory_length
 
-    def sample_length(self, generator: torch.Generator) -> int:
-        return self.memory_length + super().sample_length(generator)
+    def lengths(self) -> range:
+        """K data steps, then D ∈ [T, T + T//10) steps."""
+        base = super().lengths()
+        return range(self.memory_length + base.start, self.memory_length + base.stop)
 
     def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
         memory, blank = self.memory_length, self.symbol_values
