@@ -461,3 +461,20 @@ def test_every_task_config_composes_picks_the_rnn_and_instantiates(tmp_path):
 def test_real_primary_config_picks_the_rnn_for_a_pathological_task():
     config = compose(CONFIGS, ["task=permutation_T50"])
     assert config.model._target_ == "hfrun.models.rnn.RNN" and config.task.T == 50
+
+
+# Sutskever's release (10 x 1000 gradient, 1000 curvature, μ = 0.03, 300 CG steps, no preconditioner, weight
+# cost 2e-5) with the two measured departures the README gives: λ₀ = 1 and backtracking on the gradient batch.
+PATHOLOGICAL_HF_DEFAULTS = {"gradient_batch_size": 10000, "curvature_batch_size": 1000, "chunk_size": 1000,
+                            "backtrack_batch_size": 0, "structural_damping": 0.03, "cg_max_iters": 300,
+                            "preconditioner": "none", "initial_damping": 1.0, "weight_cost": 2e-5,
+                            "jv_method": "linearize", "curvature": "ggn"}
+
+
+@pytest.mark.parametrize("stem", sorted(TASK_CLASSES))
+def test_hf_defaults_for_every_pathological_task(stem):
+    for T in (30, 200):
+        solver = compose(CONFIGS, [f"task={stem}_T{T}", "solver=hf"]).solver
+        assert {key: solver[key] for key in PATHOLOGICAL_HF_DEFAULTS} == PATHOLOGICAL_HF_DEFAULTS
+    overridden = compose(CONFIGS, [f"task={stem}_T30", "solver=hf", "solver.cg_max_iters=50"]).solver
+    assert overridden.cg_max_iters == 50, "the command line wins over the task's hints"
