@@ -8,9 +8,9 @@ run resumes exactly where it stopped.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-import inspect
 import math
 import signal
 import time
