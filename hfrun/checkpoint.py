@@ -1,4 +1,4 @@
-"""One checkpoint format: atomic save, safe load.
+"""One checkpoint format: atomic save, safe load; and the one atomic writer every run file goes through.
 
 A checkpoint is a plain dict of tensors and Python scalars (model, solver
 state, RNG states, data-stream state, counters, the config as YAML), so it
@@ -6,39 +6,74 @@ loads with `torch.load(weights_only=True)`: no pickled code runs on load.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from typing import Callable, IO
 
 import torch
 
 from hfrun.errors import HfrunError
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync it, then rename over `path`.
+class OutputError(HfrunError):
+    """A run file could not be written (full disk, read-only or vanished directory)."""
 
-    The rename is atomic, so a run stopped at any moment leaves either the old
-    checkpoint or the new one, never a half-written file.
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through `write(handle)` to a temporary file in the same directory, fsync it, rename over `path`.
+
+    The rename is atomic, so a run stopped at any moment (even by SIGKILL) leaves either the old file or
+    the new one, never a half-written one. An OSError becomes an `OutputError` that names the file, the
+    reason and what to do; the old file is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        raise OutputError(output_error_message(path, error)) from None
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def output_error_message(path: Path, error: OSError) -> str:
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        advice = (f"The disk holding {path.parent} is full: free space there (or point hydra.run.dir at another "
+                  "disk)")
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = (f"{path.parent} is not writable: run from a writable working directory or give "
+                  "hydra.run.dir=<a writable directory>")
+    else:
+        advice = f"Check that {path.parent} exists and is writable"
+    return (f"Could not write {path} ({reason}). {advice}. Files written before this one are intact "
+            "(every run file is replaced atomically), so a stopped run continues with run.resume=<its run "
+            "directory> once the problem is fixed.")
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    write_atomically(path, lambda handle: torch.save(state, handle))
+
+
+def require_checkpoint(path: Path) -> None:
+    if not Path(path).is_file():
+        raise HfrunError(f"No checkpoint at {path}. run.resume must name a run directory that holds "
+                         "checkpoints/last.pt (a run that got through at least one checkpoint).")
 
 
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint onto the CPU, or explain why it cannot be used."""
     path = Path(path)
-    if not path.is_file():
-        raise HfrunError(f"No checkpoint at {path}. run.resume must name a run directory that holds "
-                         "checkpoints/last.pt (a run that got through at least one checkpoint).")
+    require_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files

@@ -1,4 +1,9 @@
-"""The `hfrun` command: Hydra composes the config, the engine runs it."""
+"""The `hfrun` command: Hydra composes the config, the engine runs it.
+
+Exit status: 0 when the run ended by its own outcome (solved, budget, early_stopped, stalled, interrupted);
+1 when it was refused (bad config, unusable checkpoint or directory; nothing is left behind), diverged, or
+could not write its files. A sweep (-m) runs every job and then exits 1 if any job failed (hfrun.rundir).
+"""
 from __future__ import annotations
 
 import logging
@@ -9,15 +14,33 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hfrun.config import CONFIG_DIR, register_resolvers
-from hfrun.engine import train
+from hfrun.engine import Run
 from hfrun.errors import HfrunError
-from hfrun.logging import console, print_error
+from hfrun.logging import console, print_error, print_summary, record
+from hfrun.rundir import undo_start
+from hfrun.summary import write_summary
 
 register_resolvers()
-log = logging.getLogger("hfrun")
+
+
+def _sweep_job_failed(cfg: DictConfig, run_dir: Path, message: str) -> float:
+    """In a sweep, a job that cannot run leaves its reason in its own summary.json; the sweep goes on."""
+    def value(key: str):
+        try:
+            return OmegaConf.select(cfg, key)
+        except Exception:
+            return None
+
+    try:
+        write_summary(run_dir / "summary.json", {"task": value("task.name"), "solver": value("solver.name"),
+                                                 "seed": value("seed"), "status": "error", "message": message,
+                                                 "run_dir": str(run_dir)})
+    except HfrunError as error:
+        print_error(str(error))
+    return math.inf
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -25,19 +48,35 @@ def main(cfg: DictConfig) -> float:
     """Train one configuration; return the value a sweep minimizes (the best validation objective)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    single_run = hydra_cfg.mode == RunMode.RUN
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        summary = train(cfg, run_dir)
-    except HfrunError as error:
-        log.error("%s", error)
+        run = Run(cfg, run_dir)
+    except HfrunError as error:  # refused before the first update
         print_error(str(error))
-        if single_run:
-            sys.exit(1)
-        return math.inf  # let the rest of a sweep go on
+        if sweep:
+            return _sweep_job_failed(cfg, run_dir, str(error))
+        undo_start()
+        sys.exit(1)
+    try:
+        summary = run.train()
+    except HfrunError as error:  # a run file could not be written; summary.json says so where it could be
+        print_error(str(error))
+        if sweep:
+            return math.inf
+        sys.exit(1)
+    except Exception as error:
+        if not sweep:
+            raise
+        logging.getLogger("hfrun").exception("The job failed")  # the traceback goes to run.log
+        print_error(f"{type(error).__name__}: {error} (traceback in {run_dir / 'run.log'})")
+        return math.inf
+    print_summary(summary)
     console.print(f"run directory: [bold]{run_dir}[/]")
+    record.info("run directory: %s", run_dir)
     if summary["status"] == "diverged":
         print_error(summary["message"])
-        if single_run:
+        if not sweep:
             sys.exit(1)
         return math.inf
-    return summary[f"best_val_{summary['objective']}"]
+    best = summary.get(f"best_val_{summary['objective']}")
+    return math.inf if best is None else best

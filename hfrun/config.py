@@ -1,9 +1,16 @@
-"""Config helpers shared by the CLI and the tests: custom OmegaConf resolvers and the config path."""
+"""Config helpers shared by the CLI and the tests: custom OmegaConf resolvers, the config path, and the
+type check of every `_target_`'s options against its constructor's annotations."""
 from __future__ import annotations
 
+import inspect
+import types
+import typing
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from hfrun.errors import HfrunError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -22,3 +29,66 @@ def register_resolvers() -> None:
     for name, resolver in (("hfrun_run_dir", _run_dir), ("hfrun_hydra_subdir", _hydra_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+# ---------------------------------------------------------------- option types
+
+# What a value of each checked type looks like on the command line, for the message.
+_EXAMPLES = {int: "10", float: "0.01", bool: "true", str: "name"}
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _accepts(kind, value) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True  # types hfrun does not check here (tensors, dtypes, containers' items): the constructor does
+
+
+def _checked_kinds(annotation) -> tuple[tuple, bool] | None:
+    """(the plain types an annotation allows, whether None is allowed), or None when it is not checked."""
+    if annotation in _NAMES:
+        return (annotation,), False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        plain = tuple(m for m in members if m in _NAMES)
+        if plain and len(plain) + (type(None) in members) == len(members):
+            return plain, type(None) in members
+    return None
+
+
+def check_option_types(group: str, cfg: DictConfig) -> None:
+    """Check each option of `cfg` against the annotation of the same-named argument of `cfg._target_`.
+
+    One rule for every solver, model and task, instead of a hand check per key: a value of the wrong type
+    (`solver.lr=abc`, `model.hidden_size=1.5`) stops the run with a message that names the key, the type
+    wanted and an example. Unannotated arguments and container types are left to the constructor."""
+    target = cfg.get("_target_") if isinstance(cfg, DictConfig) else None
+    if not target:
+        return
+    try:
+        constructor = get_object(target)
+        hints = typing.get_type_hints(constructor.__init__ if inspect.isclass(constructor) else constructor)
+        parameters = inspect.signature(constructor).parameters
+    except Exception:  # an unknown target is reported by instantiate itself
+        return
+    for key, value in cfg.items():
+        if key not in hints or isinstance(value, (DictConfig, ListConfig)):
+            continue
+        checked = _checked_kinds(hints[key])
+        if checked is None:
+            continue
+        kinds, none_allowed = checked
+        if (value is None and none_allowed) or any(_accepts(kind, value) for kind in kinds):
+            continue
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        example = (str(default).lower() if isinstance(default, bool) else str(default)) if (
+            default is not inspect.Parameter.empty and default is not None) else _EXAMPLES[kinds[0]]
+        wanted = " or ".join(_NAMES[kind] for kind in kinds) + (" or null" if none_allowed else "")
+        raise HfrunError(f"{group}.{key} must be {wanted}, got {value!r} ({type(value).__name__}). "
+                         f"Example: {group}.{key}={example}.")

@@ -8,8 +8,8 @@ run resumes exactly where it stopped.
 """
 from __future__ import annotations
 
+import copy
 import inspect
-import json
 import logging
 import math
 import signal
@@ -21,9 +21,11 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hfrun.checkpoint import load_checkpoint, save_checkpoint
+from hfrun.checkpoint import OutputError, load_checkpoint, save_checkpoint
+from hfrun.config import check_option_types
 from hfrun.errors import HfrunError
-from hfrun.logging import RunLogger, print_summary
+from hfrun.logging import RunLogger, print_summary, record
+from hfrun.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Progress:
     best_update: int = 0
     evals_without_improvement: int = 0
     solved_at: dict = field(default_factory=dict)
+    eval_update: int = -1  # the update at which last_eval was taken (-1: none yet)
 
 
 # ---------------------------------------------------------------- validation
@@ -113,6 +116,7 @@ def _without(cfg: DictConfig, *keys: str) -> DictConfig:
 
 
 def _instantiate(group: str, cfg: DictConfig, **kwargs):
+    check_option_types(group, cfg)
     try:
         return instantiate(cfg, **kwargs)
     except Exception as error:  # instantiate wraps constructor errors; show the root cause
@@ -130,6 +134,28 @@ def build_task(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
 def build_model(cfg: DictConfig, task, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     model_cfg = OmegaConf.merge(cfg.model, task.model_sizes())
     return _instantiate("model", model_cfg).to(device=device, dtype=dtype)
+
+
+def check_model_fits_task(cfg: DictConfig, model: torch.nn.Module, task) -> None:
+    """Run the model and the task's loss on two held-out cases before the first update, so that a model that
+    does not take the task's inputs or give its outputs is named in one paragraph instead of failing in the
+    middle of a solver."""
+    batch = task.eval_batches()[0]
+    inputs, targets = batch.inputs[:2], batch.targets[:2]
+    mask = None if batch.mask is None else batch.mask[:2]
+    try:
+        with torch.no_grad():
+            outputs = model(inputs)
+            task.loss(outputs, targets, mask)
+    except Exception as error:
+        shown = f" and gave outputs of shape {tuple(outputs.shape)}" if "outputs" in locals() else ""
+        raise HfrunError(
+            f"The model {cfg.model._target_} does not fit the task {task.name}: it was given the task's inputs "
+            f"of shape {tuple(inputs.shape)}{shown}, where the task's targets have shape {tuple(targets.shape)} "
+            f"({type(error).__name__}: {error}). Drop the model=... override to use the task's default "
+            "model, or pick a model for this kind of data (the pathological tasks are sequences of shape "
+            "(batch, time, features) for model=rnn; linreg is flat vectors for model=linear or model=mlp)."
+        ) from None
 
 
 def build_solver(cfg: DictConfig, model: torch.nn.Module, task):
@@ -255,6 +281,7 @@ class Run:
         torch.manual_seed(int(cfg.seed))
         self.task = build_task(cfg, self.device, self.dtype)
         self.model = build_model(cfg, self.task, self.device, self.dtype)
+        check_model_fits_task(cfg, self.model, self.task)
         self.solver = build_solver(cfg, self.model, self.task)
         self.stream = self.task.train_stream()
         self.progress = Progress()
@@ -294,10 +321,20 @@ class Run:
         self.model.train()
         return metrics
 
+    def _record_solved(self, progress: Progress, metrics: dict[str, float]) -> bool:
+        """Note the first evaluation at which the task's success criterion holds; True when it holds now."""
+        if not self.task.is_solved(metrics):
+            return False
+        if not progress.solved_at:
+            progress.solved_at = {"update": progress.update, "examples_grad": progress.examples_grad,
+                                  "examples_curv": progress.examples_curv,
+                                  "minibatches": (progress.examples_grad + progress.examples_curv) / PUBLISHED_MINIBATCH}
+        return True
+
     def _after_eval(self, metrics: dict[str, float]) -> str | None:
-        """Record an evaluation; return a stop status (solved, early_stopped) or None."""
+        """Record a scheduled evaluation; return a stop status (solved, early_stopped) or None."""
         p = self.progress
-        p.last_eval = dict(metrics)
+        p.last_eval, p.eval_update = dict(metrics), p.update
         score = metrics[self.score_key]
         if score < p.best_score - self.cfg.run.early_stop.min_delta:
             p.best_score, p.best_update, p.best_eval = score, p.update, dict(metrics)
@@ -305,77 +342,117 @@ class Run:
             save_checkpoint(self._state(), self.checkpoint_dir / "best.pt")
         else:
             p.evals_without_improvement += 1
-        if self.task.is_solved(metrics) and not p.solved_at:
-            p.solved_at = {"update": p.update, "examples_grad": p.examples_grad, "examples_curv": p.examples_curv,
-                           "minibatches": (p.examples_grad + p.examples_curv) / PUBLISHED_MINIBATCH}
-            if self.cfg.run.stop_when_solved:
-                return "solved"
+        was_solved = bool(p.solved_at)
+        if self._record_solved(p, metrics) and not was_solved and self.cfg.run.stop_when_solved:
+            return "solved"
         patience = self.cfg.run.early_stop.patience
         if patience is not None and p.evals_without_improvement >= patience:
             return "early_stopped"
         return None
 
+    def _final_progress(self, status: str, logger: RunLogger) -> tuple[Progress, str]:
+        """The figures of the model the run stopped at: when it stopped between scheduled evaluations
+        (run.max_seconds, Ctrl-C, a stall, max_updates off the schedule), evaluate it now.
+
+        The result goes to the summary only, not into last.pt, whose progress stays that of the scheduled
+        evaluations, so that a resumed run continues exactly as if it had never stopped. A success at this
+        evaluation counts: the run is `solved`. best.pt and best_val_* stay the scheduled evaluations'
+        (early stopping's record)."""
+        p = self.progress
+        if status in ("diverged", "error") or p.eval_update == p.update:
+            return p, status
+        final = copy.deepcopy(p)
+        metrics = self._evaluate()
+        logger.log_eval(p.update, metrics)
+        final.last_eval, final.eval_update = dict(metrics), p.update
+        if self._record_solved(final, metrics) and status in ("budget", "interrupted", "stalled"):
+            status = "solved"
+        return final, status
+
     def train(self) -> dict:
         cfg, p = self.cfg, self.progress
         logger = RunLogger(self.run_dir, OmegaConf.to_yaml(cfg), tensorboard=cfg.logger.tensorboard,
                            progress=cfg.logger.progress, max_updates=cfg.run.max_updates,
-                           start_update=p.update, metric_name=self.task.metric_name)
-        status, message = None, None
+                           max_seconds=cfg.run.max_seconds, start_update=p.update, start_seconds=p.wall_time_s,
+                           metric_name=self.task.metric_name)
+        status, message, final = None, None, p
         started = time.monotonic() - p.wall_time_s
         try:
             with StopRequest() as stop:
                 if p.update >= cfg.run.max_updates:
                     status = "budget"
                 while status is None:
-                    try:
-                        stats = self.solver.step(self.stream)
-                    except FloatingPointError as error:  # e.g. CG met a NaN curvature product
-                        stats = {"loss": math.nan, "error": str(error)}
-                    if not math.isfinite(stats["loss"]) or not _parameters_finite(self.model):
-                        status = "diverged"
-                        detail = f" ({stats['error']})" if "error" in stats else ""
-                        message = (f"The training loss became {stats['loss']} at update {p.update + 1}{detail}: the "
-                                   "run diverged. No checkpoint was written for it; last.pt and best.pt, where "
-                                   "written, hold the last finite state. Lower the learning rate or raise the "
-                                   "damping and start again.")
-                        break
-                    p.update += 1
-                    p.examples_grad += int(stats["examples_grad"])
-                    p.examples_curv += int(stats["examples_curv"])
-                    p.last_train_loss = stats["loss"]
-                    p.best_train_loss = min(p.best_train_loss, stats["loss"])
-                    p.wall_time_s = time.monotonic() - started
-                    logger.log_update(p.update, stats, asdict(p), p.wall_time_s)
-                    if p.update % cfg.run.eval_every == 0 or p.update >= cfg.run.max_updates:
-                        metrics = self._evaluate()
-                        logger.log_eval(p.update, metrics)
-                        status = self._after_eval(metrics)
-                    if status is None and p.update >= cfg.run.max_updates:
-                        status = "budget"
-                    if status is None and cfg.run.max_seconds is not None and p.wall_time_s >= cfg.run.max_seconds:
-                        status = "budget"
-                    if status is None and stop.requested:
-                        status = "interrupted"
-                    if status is not None or p.update % cfg.run.checkpoint_every == 0:
-                        save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
+                    status, message = self._update(stop, logger, started)
+                if status != "diverged":
+                    save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
+                final, status = self._final_progress(status, logger)
         except KeyboardInterrupt:
             status = "interrupted"
             message = (f"Aborted by a second Ctrl-C during update {p.update + 1}; checkpoints/last.pt holds the "
-                       "last checkpointed update, from which run.resume continues.")
+                       "last checkpointed update, from which run.resume continues. The final figures are those "
+                       f"of the evaluation at update {p.eval_update}.")
+        except OutputError as error:
+            status, message = "error", str(error)
         except Exception as error:
-            self._write_summary("error", f"{type(error).__name__}: {error}")
+            self._write_summary(p, "error", f"{type(error).__name__}: {error}")
             raise
         finally:
             logger.close()
-        return self._write_summary(status, message)
-
-    def _write_summary(self, status: str, message: str | None) -> dict:
-        summary = self._summary(status, message)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = self._write_summary(final, status, message)
+        if status == "error":  # a file could not be written: the run cannot be trusted to have been saved
+            print_summary(summary)
+            raise OutputError(message)
         return summary
 
-    def _summary(self, status: str, message: str | None) -> dict:
+    def _update(self, stop: StopRequest, logger: RunLogger, started: float) -> tuple[str | None, str | None]:
+        """One solver update with its counting, logging, evaluation and checkpoint; (stop status, message)."""
         cfg, p = self.cfg, self.progress
+        try:
+            stats = self.solver.step(self.stream)
+        except FloatingPointError as error:  # e.g. CG met a NaN curvature product
+            stats = {"loss": math.nan, "error": str(error)}
+        if not math.isfinite(stats["loss"]) or not _parameters_finite(self.model):
+            detail = f" ({stats['error']})" if "error" in stats else ""
+            return "diverged", (f"The training loss became {stats['loss']} at update {p.update + 1}{detail}: the "
+                                "run diverged. No checkpoint was written for it; last.pt and best.pt, where "
+                                "written, hold the last finite state. Lower the learning rate or raise the "
+                                "damping and start again.")
+        p.update += 1
+        p.examples_grad += int(stats["examples_grad"])
+        p.examples_curv += int(stats["examples_curv"])
+        p.last_train_loss = stats["loss"]
+        p.best_train_loss = min(p.best_train_loss, stats["loss"])
+        p.wall_time_s = time.monotonic() - started
+        logger.log_update(p.update, stats, asdict(p), p.wall_time_s)
+        status, message = None, None
+        if p.update % cfg.run.eval_every == 0:
+            metrics = self._evaluate()
+            logger.log_eval(p.update, metrics)
+            status = self._after_eval(metrics)
+        if status is None and stats.get("stalled"):
+            status, message = "stalled", str(stats["stalled"])
+        if status is None and p.update >= cfg.run.max_updates:
+            status = "budget"
+        if status is None and cfg.run.max_seconds is not None and p.wall_time_s >= cfg.run.max_seconds:
+            status = "budget"
+        if status is None and stop.requested:
+            status = "interrupted"
+        if status is None and p.update % cfg.run.checkpoint_every == 0:
+            save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
+        return status, message
+
+    def _write_summary(self, progress: Progress, status: str, message: str | None) -> dict:
+        summary = self._summary(progress, status, message)
+        try:
+            return write_summary(self.run_dir / "summary.json", summary)
+        except OutputError as error:
+            if status == "error":  # already failing on a write: report both, lose neither
+                summary["message"] = f"{message} Writing summary.json failed as well: {error}"
+                return summary
+            raise
+
+    def _summary(self, p: Progress, status: str, message: str | None) -> dict:
+        cfg = self.cfg
         metric = self.task.metric_name
         summary = {
             "task": self.task.name, "solver": cfg.solver.name, "model": cfg.model._target_.rsplit(".", 1)[-1],
@@ -385,6 +462,7 @@ class Run:
             "wall_time_s": round(p.wall_time_s, 3),
             "metric": metric, "objective": self.score_key,
             "final_train_loss": p.last_train_loss, "best_train_loss": p.best_train_loss,
+            "final_eval_update": p.eval_update if p.last_eval else None,
             "final_val_loss": p.last_eval.get("loss", math.nan), f"final_val_{metric}": p.last_eval.get(metric, math.nan),
             "best_val_loss": p.best_eval.get("loss", math.nan), f"best_val_{metric}": p.best_eval.get(metric, math.nan),
             "best_update": p.best_update,
@@ -392,6 +470,8 @@ class Run:
         if self.task.success_threshold is not None:
             summary["solved"] = bool(p.solved_at)
             summary.update({f"solved_{key}": value for key, value in p.solved_at.items()})
+        if status not in ("diverged", "error"):
+            summary.update(self.task.optimum_report(self.model))
         if message:
             summary["message"] = message
         summary["run_dir"] = str(self.run_dir)

@@ -1,13 +1,22 @@
-"""Where a run reports: TensorBoard scalars, a live rich progress line, the final table.
+"""Where a run reports: TensorBoard scalars, a live rich progress line, the final table, and run.log.
 
 Every solver logs through the same call, `RunLogger.log_update(update, stats)`:
 the loss under `train/`, counters under `counts/`, wall time under `time/` and
-every other statistic the solver returns (learning rate, λ, ρ, CG iterations…)
-under `solver/`.
+every other numeric statistic the solver returns (learning rate, λ, ρ, CG
+iterations…) under `solver/`.
+
+run.log is the console log: Hydra's file handler writes the log messages to it,
+and `record` (a logger that writes to that file only) adds what the console
+shows in other ways: one line per evaluation in place of the progress line's
+redraws, the final table, errors and the run directory. Outside Hydra (a test,
+a library user) `record` has no handler and writes nothing.
 """
 from __future__ import annotations
 
+import io
+import logging
 import math
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -16,14 +25,23 @@ from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 console = Console(stderr=True)
+record = logging.getLogger("hfrun.record")  # configs/config.yaml sends it to run.log only
 
 COUNTERS = ("examples_grad", "examples_curv")
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, config_yaml: str, *, tensorboard: bool, progress: bool,
-                 max_updates: int, start_update: int, metric_name: str):
-        self.metric_name = metric_name
+                 max_updates: int, start_update: int, metric_name: str, max_seconds: float | None = None,
+                 start_seconds: float = 0.0):
+        self.metric_name, self.max_updates, self.max_seconds = metric_name, max_updates, max_seconds
+        self.start_update, self.start_seconds, self.started = start_update, start_seconds, time.monotonic()
+        self.loss, self.metric = "-", "-"
         self.writer = None
         if tensorboard:
             # purge_step drops events a stopped run wrote after its last checkpoint.
@@ -32,32 +50,61 @@ class RunLogger:
                 self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
         self.progress = None
         if progress:
-            self.progress = Progress(TextColumn("[bold]update {task.completed}/{task.total}"), BarColumn(),
+            # The bar shows the share of the budget spent: updates, or seconds where run.max_seconds binds first.
+            self.progress = Progress(TextColumn("[bold]{task.fields[where]}"), BarColumn(),
                                      TextColumn("loss {task.fields[loss]}"),
                                      TextColumn("val {task.fields[metric_name]} {task.fields[metric]}"),
-                                     TimeElapsedColumn(), console=console, transient=False)
-            self.progress_task = self.progress.add_task("train", total=max_updates, completed=start_update,
-                                                        loss="-", metric="-", metric_name=metric_name)
+                                     TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+                                     console=console, transient=False)
+            self.progress_task = self.progress.add_task(
+                "train", total=1.0, completed=self._budget_spent(start_update, start_seconds),
+                where=self._where(start_update), loss="-", metric="-", metric_name=metric_name, eta="-")
             self.progress.start()
 
-    def log_update(self, update: int, stats: dict[str, float], counters: dict[str, float], wall_time: float) -> None:
+    def _where(self, update: int) -> str:
+        budget = f"/{self.max_updates}" if self.max_seconds is None else f"/{self.max_updates} or {self.max_seconds:g} s"
+        return f"update {update}{budget}"
+
+    def _budget_spent(self, update: int, seconds: float) -> float:
+        share = update / self.max_updates
+        if self.max_seconds is not None:
+            share = max(share, seconds / self.max_seconds)
+        return min(share, 1.0)
+
+    def _eta(self, update: int, seconds: float) -> str:
+        """Time to the first budget that binds, from the pace of this session's updates."""
+        done = update - self.start_update
+        if done <= 0:
+            return "-"
+        remaining = (self.max_updates - update) * (time.monotonic() - self.started) / done
+        if self.max_seconds is not None:
+            remaining = min(remaining, self.max_seconds - seconds)
+        return _clock(remaining)
+
+    def log_update(self, update: int, stats: dict, counters: dict[str, float], wall_time: float) -> None:
+        self.loss = f"{stats['loss']:.4g}"
         if self.writer:
             self.writer.add_scalar("train/loss", stats["loss"], update)
             for key, value in stats.items():
-                if key != "loss" and key not in COUNTERS:
+                if key != "loss" and key not in COUNTERS and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"solver/{key}", value, update)
             for key in COUNTERS:
                 self.writer.add_scalar(f"counts/{key}", counters[key], update)
             self.writer.add_scalar("time/wall_s", wall_time, update)
+        self.wall_time = wall_time
         if self.progress:
-            self.progress.update(self.progress_task, completed=update, loss=f"{stats['loss']:.4g}")
+            self.progress.update(self.progress_task, completed=self._budget_spent(update, wall_time),
+                                 where=self._where(update), loss=self.loss, eta=self._eta(update, wall_time))
 
     def log_eval(self, update: int, metrics: dict[str, float]) -> None:
         if self.writer:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"val/{key}", value, update)
+        self.metric = f"{metrics.get(self.metric_name, math.nan):.4g}"
+        record.info("update %d: loss %s, val %s %s, %s elapsed", update, self.loss, self.metric_name, self.metric,
+                    _clock(getattr(self, "wall_time", self.start_seconds)))
         if self.progress:
-            self.progress.update(self.progress_task, metric=f"{metrics.get(self.metric_name, math.nan):.4g}")
+            self.progress.update(self.progress_task, metric=self.metric)
 
     def close(self) -> None:
         if self.progress:
@@ -66,16 +113,34 @@ class RunLogger:
             self.writer.close()
 
 
+def _as_text(renderable) -> str:
+    buffer = io.StringIO()
+    Console(file=buffer, width=100, color_system=None, force_terminal=False).print(renderable)
+    return buffer.getvalue().rstrip()
+
+
 def print_summary(summary: dict) -> None:
     table = Table(title=f"{summary['task']} · {summary['solver']} · seed {summary['seed']}: {summary['status']}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        if key in ("task", "solver", "seed", "config"):
+        if key in ("task", "solver", "seed", "config", "message", "non_finite"):
             continue
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     console.print(table)
+    record.info("summary\n%s", _as_text(table))
+    if summary.get("message") and summary["status"] not in ("diverged", "error"):
+        say(summary["message"])
 
 
-def print_error(message: str) -> None:
+def say(message: str) -> None:
+    """A line for the user: on the console and in run.log."""
+    console.print(message)
+    record.info("%s", message)
+
+
+def print_error(message: str, to_run_log: bool = True) -> None:
+    """An error, once: on the console and (unless there is no run.log yet) in run.log."""
     console.print(f"[bold red]hfrun error:[/] {message}")
+    if to_run_log:
+        record.error("%s", message)

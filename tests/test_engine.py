@@ -1,6 +1,7 @@
 """The engine's contract: run directory, summary.json, exact resume, TensorBoard tags, early stopping, errors."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hfrun.checkpoint import load_checkpoint, save_checkpoint
+from hfrun.checkpoint import OutputError, load_checkpoint, save_checkpoint
 from hfrun.engine import Run, check_resume_matches
 from hfrun.errors import HfrunError
 
@@ -209,10 +210,10 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     save_checkpoint({"x": torch.ones(3)}, path)
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=f"The disk holding {tmp_path} is full"):
         save_checkpoint({"x": torch.zeros(3)}, path)
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -17,8 +17,13 @@ damping and μλ·G_S the structural damping of an RNN's hidden pre-activations
 2. Backtracking: starting from the last CG iterate, walk back through the saved
    iterates (i = ⌈5·1.3ʲ⌉) while the objective on the backtracking batch keeps
    improving; keep the best (Martens 2010, §4.6).
-3. λ follows ρ = (f(θ+d) − f(θ)) / q̂(d): ×3/2 if ρ < 1/4, ×2/3 if ρ > 3/4;
-   ρ = −∞ when f went up or is NaN. With `rho_model: damped`, q̂ = q, the
+3. λ follows ρ = (f(θ+d) − f(θ)) / q̂(d): ×3/2 if ρ < 1/4, ×2/3 if ρ > 3/4,
+   kept in [damping_min, damping_max]; ρ = −∞ when f went up or is NaN.
+   After `stall_updates` consecutive updates with ρ < 1/4 at λ = damping_max
+   the solver reports itself stalled (the statistic `stalled` holds why), and
+   the engine ends the run with that status: without the bound λ would grow
+   ×1.5 per update until it overflows, e.g. once the loss sits at its noise
+   floor and every step is rejected. With `rho_model: damped`, q̂ = q, the
    model CG minimized; with `rho_model: undamped` (Martens' release, "a
    different model than the one being optimized by CG"),
    q̂(d) = gᵀd + ½ dᵀ(C + weight_cost·I)d, without the λ and μλ terms, at the
@@ -74,6 +79,7 @@ class HessianFree:
                  structural_damping: float = 0.0, cg_max_iters: int = 250,
                  cg_tol: float = 5e-4, cg_decay: float = 0.95, preconditioner: str = "none",
                  preconditioner_exponent: float = 0.75, weight_cost: float = 0.0, damping_min: float = 1e-8,
+                 damping_max: float = 1e10, stall_updates: int = 20,
                  line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60,
                  rho_model: str = "damped", chunk_size: int = 0, warm_start: str = "solution",
                  restart_uphill: bool = False):
@@ -85,7 +91,10 @@ class HessianFree:
         _check(warm_start in WARM_STARTS, f"solver.warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
         for name, value in (("gradient_batch_size", gradient_batch_size), ("cg_max_iters", cg_max_iters)):
             _check(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
-        _check(initial_damping > 0, f"solver.initial_damping must be > 0, got {initial_damping}")
+        _check(0 < damping_min <= initial_damping <= damping_max < math.inf,
+               "solver.damping_min <= solver.initial_damping <= solver.damping_max must hold with all three "
+               f"finite and > 0, got {damping_min}, {initial_damping}, {damping_max}")
+        _check(int(stall_updates) >= 1, f"solver.stall_updates must be a positive integer, got {stall_updates}")
         _check(int(chunk_size) >= 0, f"solver.chunk_size must be >= 0, got {chunk_size}")
         for name, value in (("structural_damping", structural_damping),
                             ("weight_cost", weight_cost), ("cg_tol", cg_tol)):
@@ -103,7 +112,9 @@ class HessianFree:
         self.max_line_search = int(max_line_search)
         self.rho_model, self.chunk_size, self.warm_start_from = rho_model, int(chunk_size), warm_start
         self.restart_uphill = bool(restart_uphill)
+        self.damping_max, self.stall_updates = float(damping_max), int(stall_updates)
         self.damping = float(initial_damping)
+        self.updates_stuck_at_max = 0  # consecutive updates with ρ < 1/4 at λ = damping_max
         self.spec = ParamSpec.from_module(model)
         self.warm_start: Tensor | None = None
 
@@ -197,6 +208,7 @@ class HessianFree:
             for operator in operators:
                 operator.damping = self.damping
         rho = self._reduction_ratio(objective_before, objective_after, model_reduction)
+        damping_used = self.damping
         self._update_damping(rho)
         step_size, objective_final = self._line_search(theta, direction, gradient, objective_before,
                                                        objective_after, backtrack_batch)
@@ -207,7 +219,7 @@ class HessianFree:
                 p.copy_(value)
         time_line_search = time.perf_counter() - clock
         # Forward-only evaluations (backtracking, line search) are not counted as examples, as in M&S 2011.
-        return {
+        stats = {
             "loss": data_loss, "objective": loss_before, "lambda": self.damping, "rho": rho,
             "cg_iters": cg.iterations, "cg_chosen_iter": chosen_iter, "cg_q_start": cg.q_warm_start,
             "cg_restarted": float(cg.restarted), "q_reduction": -model_reduction,
@@ -216,6 +228,16 @@ class HessianFree:
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
             "examples_grad": examples_grad, "examples_curv": products * curvature_cases,
         }
+        if self.updates_stuck_at_max >= self.stall_updates:
+            stats["stalled"] = (
+                f"HF made no progress it could trust for {self.updates_stuck_at_max} consecutive updates with λ "
+                f"at solver.damping_max={self.damping_max:g} (reduction ratio ρ < 1/4 each time; the last "
+                f"ρ = {rho:.3g} with λ = {damping_used:g}, step size {step_size:g}), so the run stopped as "
+                f"`stalled` at training loss {data_loss:.6g}. Either the loss is at a floor these batches cannot "
+                "go below (the noise floor of a regression, or a solved problem), or the quadratic model no "
+                "longer predicts the loss. Compare the final loss with what the task can reach; to go on anyway, "
+                "raise solver.damping_max or solver.stall_updates, or use a larger solver.gradient_batch_size.")
+        return stats
 
     def _next_warm_start(self, solution: Tensor, step_size: float, direction: Tensor) -> Tensor | None:
         """What the next CG starts from (times cg_decay): the last CG iterate, the step taken, or nothing."""
@@ -243,8 +265,10 @@ class HessianFree:
         return (after - before) / model_reduction
 
     def _update_damping(self, rho: float) -> None:
+        stuck = rho < 0.25 and self.damping >= self.damping_max
+        self.updates_stuck_at_max = self.updates_stuck_at_max + 1 if stuck else 0
         if rho < 0.25:
-            self.damping *= 1.5
+            self.damping = min(self.damping * 1.5, self.damping_max)
         elif rho > 0.75:
             self.damping = max(self.damping * 2 / 3, self.damping_min)
 
@@ -264,10 +288,13 @@ class HessianFree:
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"damping": self.damping, "warm_start": self.warm_start}
+        return {"damping": self.damping, "warm_start": self.warm_start,
+                "updates_stuck_at_max": self.updates_stuck_at_max}
 
     def load_state_dict(self, state: dict) -> None:
-        self.damping = float(state["damping"])
+        # A checkpoint of an hfrun without damping_max may hold a λ far above it (or inf): bring it back.
+        self.damping = min(float(state["damping"]), self.damping_max)
+        self.updates_stuck_at_max = int(state.get("updates_stuck_at_max", 0))
         warm_start = state["warm_start"]
         if warm_start is not None:
             reference = next(self.model.parameters())

@@ -125,5 +125,9 @@ class Task:
             metrics[self.metric_name] = metric_sum / cases
         return metrics
 
+    def optimum_report(self, model: nn.Module) -> dict[str, float]:
+        """For a task with a known optimum: how far `model` is from it (see LinearRegression). {} otherwise."""
+        return {}
+
     def is_solved(self, metrics: dict[str, float]) -> bool:
         return self.success_threshold is not None and metrics[self.metric_name] < self.success_threshold

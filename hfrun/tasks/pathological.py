@@ -22,7 +22,9 @@ Python loop over sequences. Shared conventions:
   - The held-out set is `eval_sequences` (at least 1,000) sequences in batches
     of `eval_batch_size`; the batches take the possible lengths in turn, so
     every length is held out, and their contents are drawn once from a
-    generator seeded with seed + EVAL_SEED_OFFSET and cached.
+    generator seeded with seed + EVAL_SEED_OFFSET and cached; `eval_seed`, when
+    given, takes seed's place there, for a fresh held-out set of the same task
+    (hfrun.evaluate --set task.eval_seed=N).
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ class PathologicalTask(Task):
     step_correct: Callable[[Tensor, Tensor], Tensor]
 
     def __init__(self, *, name: str, T: int, seed: int, device: torch.device | str, dtype: torch.dtype,
-                 eval_sequences: int = 2000, eval_batch_size: int = 100):
+                 eval_sequences: int = 2000, eval_batch_size: int = 100, eval_seed: int | None = None):
         if not isinstance(T, int) or T < self.min_T:
             raise ValueError(f"{type(self).__name__} needs an integer T >= {self.min_T}, got T={T!r}")
         if eval_sequences < MIN_HELD_OUT or eval_batch_size < 1:
@@ -104,6 +106,7 @@ class PathologicalTask(Task):
         self.name, self.T, self.seed = name, T, seed
         self.device, self.dtype = torch.device(device), dtype
         self.eval_sequences, self.eval_batch_size = eval_sequences, eval_batch_size
+        self.eval_seed = seed if eval_seed is None else eval_seed
         self._eval_batches: list[Batch] | None = None
 
     def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
@@ -126,7 +129,7 @@ class PathologicalTask(Task):
 
     def eval_batches(self) -> list[Batch]:
         if self._eval_batches is None:
-            generator = make_generator(self.seed + EVAL_SEED_OFFSET, self.device)
+            generator = make_generator(self.eval_seed + EVAL_SEED_OFFSET, self.device)
             full, rest = divmod(self.eval_sequences, self.eval_batch_size)
             sizes = [self.eval_batch_size] * full + ([rest] if rest else [])
             lengths = self.lengths()

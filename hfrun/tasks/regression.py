@@ -7,6 +7,8 @@ from torch import Tensor
 from hfrun.losses import SquaredError
 from hfrun.tasks.base import Batch, DatasetStream, Task, make_generator
 
+EVAL_SEED_OFFSET = 104_729  # a fresh held-out set's generator seed is eval_seed + this
+
 
 class LinearRegression(Task):
     """y = Xw* + b* + ε, X ~ N(0, I), ε ~ N(0, σ²), fixed training and held-out sets.
@@ -14,12 +16,18 @@ class LinearRegression(Task):
     The known optimum of the training loss ½‖Xw + b − y‖²/n is the least-squares
     solution, returned in float64 by `optimum()`; the held-out loss of the true
     parameters is about σ²/2. The metric is the mean squared error per case.
+    `optimum_report` gives a run's distance to that optimum.
+
+    `seed` fixes the problem (w*, b*, the training set) and, unless `eval_seed`
+    is given, the held-out set; `eval_seed` draws a fresh held-out set from the
+    same problem (hfrun.evaluate --set task.eval_seed=N).
     """
 
     metric_name = "mse"
 
     def __init__(self, *, name: str, seed: int, device, dtype: torch.dtype, input_size: int = 10,
-                 output_size: int = 1, train_size: int = 2000, eval_size: int = 1000, noise_std: float = 0.1):
+                 output_size: int = 1, train_size: int = 2000, eval_size: int = 1000, noise_std: float = 0.1,
+                 eval_seed: int | None = None):
         if min(input_size, output_size, train_size, eval_size) < 1 or noise_std < 0:
             raise ValueError("linreg needs positive sizes and noise_std >= 0")
         self.name, self.loss = name, SquaredError()
@@ -29,6 +37,8 @@ class LinearRegression(Task):
         self.true_weight = torch.randn(output_size, input_size, generator=generator, dtype=torch.float64)
         self.true_bias = torch.randn(output_size, generator=generator, dtype=torch.float64)
         self.train_x, self.train_y = self._sample(train_size, noise_std, generator)
+        if eval_seed is not None:
+            generator = make_generator(eval_seed + EVAL_SEED_OFFSET, torch.device("cpu"))
         self.eval_x, self.eval_y = self._sample(eval_size, noise_std, generator)
 
     def _sample(self, size: int, noise_std: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -55,3 +65,18 @@ class LinearRegression(Task):
         design = torch.cat([self.train_x, torch.ones(len(self.train_x), 1, dtype=torch.float64)], dim=1)
         solution = torch.linalg.lstsq(design, self.train_y).solution
         return solution[:-1].T, solution[-1]
+
+    @torch.no_grad()
+    def optimum_report(self, model) -> dict[str, float]:
+        """The least-squares optimum's training loss and held-out mse, and how far `model` is above them
+        (losses over the whole training set, in float64)."""
+        weight, bias = self.optimum()
+        optimum_outputs = self.train_x @ weight.T + bias
+        optimum_train_loss = float(self.loss(optimum_outputs, self.train_y)) / len(self.train_x)
+        train_loss = float(self.loss(model(self._on_device(self.train_x)).double().cpu(), self.train_y)) / len(
+            self.train_x)
+        optimum_val_mse = float((self.eval_x @ weight.T + bias - self.eval_y).square().sum(-1).mean())
+        # Rounded: LAPACK's threaded solve may differ in the last bits between two calls on the same data.
+        return {key: float(f"{value:.10g}") for key, value in (
+            ("optimum_train_loss", optimum_train_loss), ("excess_train_loss", train_loss - optimum_train_loss),
+            ("optimum_val_mse", optimum_val_mse))}
