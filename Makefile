@@ -21,7 +21,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 run: $(STAMP)
-	$(BIN)/hfrun solver=hf task=addition_T30 run.max_seconds=60
+	$(BIN)/hfrun solver=hf task=temporal_order_T30 run.max_seconds=120
 
 bench: $(STAMP)
 	$(BIN)/python -m hfrun.bench

@@ -1,15 +1,19 @@
 """Evaluate finished runs again: `python -m hfrun.evaluate <run dir> ... [--checkpoint best] [--set KEY=VALUE]`
 loads each run's checkpoint (`last.pt` by default: the model at which it stopped, e.g. when it was
 solved), rebuilds its task from the config the checkpoint holds, with the current hfrun and any
-`--set` changes (e.g. `--set task.eval_sequences=10000`, or a held-out set drawn with another seed
-through `--set seed=…`), and prints the held-out loss and metric next to the ones in the run's
+`--set` changes (e.g. `--set task.eval_sequences=10000`, or a fresh held-out set of the same task
+through `--set task.eval_seed=…`), and prints the held-out loss and metric next to the ones in the run's
 summary.json. Use it to check a success on fresh sequences, or a run made under an older held-out
-protocol under the current one. Directories without a checkpoint are skipped with a note.
+protocol under the current one. `--set seed=…` is refused: the seed also fixes the training problem
+(linreg's weights and training set), which a re-evaluation must not change.
+
+Exit status 1, after evaluating the others, when a directory does not exist or has no such checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +29,10 @@ from hfrun.errors import HfrunError
 def evaluate_run(run_dir: Path, checkpoint: str = "last", overrides: tuple[str, ...] = (),
                  device: str = "auto") -> dict:
     """The held-out metrics of `run_dir`'s checkpoint on its task, rebuilt with `overrides`."""
+    if any(override.split("=", 1)[0].strip() == "seed" for override in overrides):
+        raise HfrunError("--set seed=... would change the training problem itself (for linreg its weights and "
+                         "training set), not only the held-out set. Use --set task.eval_seed=N for a fresh "
+                         "held-out set of the same task.")
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
     cfg = OmegaConf.merge(OmegaConf.create(state["config"]), OmegaConf.from_dotlist(list(overrides)))
     torch_device, dtype = resolve_device(device), DTYPES[cfg.run.dtype]
@@ -35,6 +43,10 @@ def evaluate_run(run_dir: Path, checkpoint: str = "last", overrides: tuple[str, 
     with torch.no_grad():
         metrics = task.evaluate(model)
     return {"update": state["progress"]["update"], **metrics}
+
+
+def _shown(value) -> str:
+    return "–" if value is None else f"{value:.4g}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,21 +61,33 @@ def main(argv: list[str] | None = None) -> None:
     table = Table(title=f"held-out evaluation of checkpoints/{args.checkpoint}.pt")
     for column in ("run", "task", "solver", "status", "update", "metric in summary", "metric now", "loss now"):
         table.add_column(column)
+    problems = []
     for run_dir in args.run_dirs:
+        if not run_dir.is_dir():
+            problems.append(f"{run_dir} does not exist or is not a directory")
+            continue
         if not (run_dir / "checkpoints" / f"{args.checkpoint}.pt").is_file():
-            console.print(f"[yellow]skipped {run_dir}: no checkpoints/{args.checkpoint}.pt[/]")
+            problems.append(f"{run_dir} has no checkpoints/{args.checkpoint}.pt (not an hfrun run directory, or "
+                            "a run stopped before its first checkpoint)")
             continue
         try:
             metrics = evaluate_run(run_dir, args.checkpoint, tuple(args.overrides), args.device)
         except HfrunError as error:
-            raise SystemExit(f"hfrun.evaluate: {run_dir}: {error}") from None
+            problems.append(f"{run_dir}: {error}")
+            continue
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         metric = summary.get("metric", "loss")
         table.add_row(str(run_dir), summary.get("task", "?"), summary.get("solver", "?"), summary.get("status", "?"),
-                      str(metrics["update"]), f"{summary.get(f'final_val_{metric}', float('nan')):.4g}",
+                      str(metrics["update"]), _shown(summary.get(f"final_val_{metric}")),
                       f"{metrics.get(metric, metrics['loss']):.4g}", f"{metrics['loss']:.4g}")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    if problems:
+        errors = Console(stderr=True, width=200)
+        for problem in problems:
+            errors.print(f"[bold red]hfrun.evaluate:[/] {problem}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_hfrun
+from omegaconf import OmegaConf
 
 TINY = ["solver.lr=0.01", "run.max_updates=20", "run.eval_every=10"]
 
@@ -39,6 +41,11 @@ def test_resume_continues_in_the_same_directory(tmp_path):
 def test_help_and_cfg_job(tmp_path):
     help_text = run_hfrun("--help", cwd=tmp_path)
     assert help_text.returncode == 0 and "task: " in help_text.stdout and "solver: " in help_text.stdout
+    assert "powered by Hydra" not in help_text.stdout
+    for fragment in ("hfrun: train neural networks", "run.max_seconds", "summary.json", "--resolve", "Exit status"):
+        assert fragment in help_text.stdout, fragment
+    resolved = run_hfrun("--cfg", "job", "--resolve", "solver=hf", cwd=tmp_path)
+    assert resolved.returncode == 0 and "gradient_batch_size: 2000" in resolved.stdout
     job = run_hfrun("--cfg", "job", "solver=sgd", cwd=tmp_path)
     assert job.returncode == 0 and "_target_: hfrun.solvers.first_order.SGD" in job.stdout
 
@@ -80,9 +87,92 @@ def test_wrong_type_override_is_explained(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_resume_path_without_checkpoint(tmp_path):
+def test_resume_path_without_checkpoint_creates_nothing(tmp_path):
     result = run_hfrun(f"run.resume={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert result.returncode == 1 and "No checkpoint at" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _errors_in(stderr: str) -> int:
+    return stderr.count("hfrun error:")
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["task=addition", "task.T=abc"], "task.T must be an integer, got 'abc'"),
+    (["model=mlp", "task=addition_T30"], "hfrun.models.mlp.MLP does not fit the task addition_T30"),
+    (["solver.lr=abc"], "solver.lr must be a number, got 'abc' (str). Example: solver.lr=0.01."),
+])
+def test_a_refused_start_says_why_once_and_leaves_nothing(tmp_path, overrides, fragment):
+    result = run_hfrun(*overrides, cwd=tmp_path)
+    assert result.returncode == 1
+    assert fragment in " ".join(result.stderr.split())
+    assert _errors_in(result.stderr) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], "a refused start left files behind"
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path):
+    run_dir = tmp_path / "a_run"
+    assert run_hfrun(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    before = {path: path.stat().st_size for path in run_dir.rglob("*") if path.is_file()}
+    refused = run_hfrun("solver=sgd", "solver.lr=0.01", f"run.resume={run_dir}", cwd=tmp_path)
+    assert refused.returncode == 1 and "was started with a different config" in " ".join(refused.stderr.split())
+    after = {path: path.stat().st_size for path in run_dir.rglob("*") if path.is_file()}
+    assert after == before, "a refused resume changed the run directory"
+
+
+def test_an_unwritable_run_directory_is_one_paragraph(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run_hfrun(*TINY, f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"Cannot write the run directory {blocker / 'run'}" in message and "hydra.run.dir=" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_read_only_directory_is_refused_before_hydra_writes(tmp_path, monkeypatch, capsys):
+    """A read-only mount, injected: every write under it fails with EROFS."""
+    import errno
+    from pathlib import Path
+
+    from hfrun import rundir
+    real_mkdir = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    cfg = OmegaConf.create({"run": {"resume": None},
+                            "hydra": {"run": {"dir": str(tmp_path / "ro" / "run")}, "output_subdir": ".hydra"}})
+    with pytest.raises(SystemExit) as exited:
+        rundir.RunGuard().on_run_start(config=cfg)
+    assert exited.value.code == 1
+    assert "Read-only file system" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "ro").exists()
+
+
+def test_run_log_holds_what_the_console_showed(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_hfrun(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0
+    log = (run_dir / "run.log").read_text()
+    for fragment in ("update 10: loss", "update 20: loss", "linreg · adam · seed 0: budget", "final_val_mse",
+                     f"run directory: {run_dir}"):
+        assert fragment in log, fragment
+    assert "\x1b[" not in log and "update 20/20" not in log  # no colour codes, no progress-line redraws
+
+
+def test_a_sweep_with_a_failing_job_runs_the_rest_and_exits_nonzero(tmp_path):
+    result = run_hfrun("-m", "solver=sgd", "solver.lr=-1,0.01", "run.max_updates=5", cwd=tmp_path)
+    assert result.returncode == 1
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/*/*/summary.json")}
+    assert summaries["0"]["status"] == "error" and "Invalid learning rate: -1" in summaries["0"]["message"]
+    assert summaries["1"]["status"] == "budget" and summaries["1"]["updates"] == 5
+    message = " ".join(result.stderr.split())
+    assert "1 of 2 jobs of the sweep" in message and "solver.lr=-1" in message
     assert "Traceback" not in result.stderr
 
 

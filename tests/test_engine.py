@@ -223,3 +223,172 @@ def test_budget_in_seconds(make_config, tmp_path):
     summary = Run(make_config("run.max_updates=100000000", "run.max_seconds=1"), tmp_path).train()
     assert summary["status"] == "budget" and 1 <= summary["wall_time_s"] < 10
     assert math.isfinite(summary["final_val_loss"])
+
+
+# ---------------------------------------------------------------- how runs end (issue: honest results)
+
+def _strict_json(path):
+    """Parse as strict JSON: NaN and Infinity are refused, as many readers refuse them."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_time_capped_run_reports_the_model_it_stopped_at(make_config, tmp_path):
+    """A run stopped between evaluations (here by run.max_seconds) evaluates its final model: the summary's
+    final figures are those of a re-evaluation of last.pt, not of the last scheduled evaluation."""
+    from hfrun.evaluate import evaluate_run
+    summary = Run(make_config("solver.lr=0.01", "run.max_updates=100000000", "run.max_seconds=0.5",
+                              "run.eval_every=100000"), tmp_path).train()
+    assert summary["status"] == "budget" and summary["final_eval_update"] == summary["updates"] > 0
+    again = evaluate_run(tmp_path)
+    assert again["update"] == summary["updates"]
+    assert math.isclose(again["mse"], summary["final_val_mse"], rel_tol=1e-6)
+
+
+def test_a_success_at_the_final_evaluation_counts(make_config, tmp_path):
+    """Stopped by Ctrl-C at update 7, between the evaluations at 5 and 10: a threshold that the model at 7
+    meets and the one at 5 does not makes the run solved at its final evaluation."""
+    overrides = ["solver.lr=0.05", "run.max_updates=1000", "run.eval_every=5"]
+    reference = Run(make_config(*overrides, "run.max_updates=7"), tmp_path / "reference").train()
+    at_5, at_7 = reference["best_val_mse"], reference["final_val_mse"]
+    assert reference["best_update"] == 5 and at_7 < at_5
+    run = Run(make_config(*overrides), tmp_path / "run")
+    run.task.success_threshold = (at_5 + at_7) / 2
+    _interrupt_at(run, 7)
+    summary = run.train()
+    assert summary["status"] == "solved" and summary["solved"]
+    assert summary["solved_update"] == summary["final_eval_update"] == summary["updates"] == 7
+    assert math.isclose(summary["final_val_mse"], at_7, rel_tol=1e-6)
+
+
+def test_summary_is_strict_json_with_what_was_not_finite(make_config, tmp_path):
+    summary = Run(make_config("solver=sgd", "solver.lr=1e6", "run.max_updates=100"), tmp_path).train()
+    assert summary["status"] == "diverged"
+    on_disk = _strict_json(tmp_path / "summary.json")
+    assert on_disk["updates"] < 10 and on_disk["final_val_loss"] is None  # diverged before any evaluation
+    assert on_disk["non_finite"]["final_val_loss"] == "nan"
+
+
+def test_full_disk_ends_with_a_message_naming_the_directory(make_config, tmp_path, monkeypatch):
+    """ENOSPC from the writer: a one-paragraph OutputError, last.pt left at the last good checkpoint,
+    and summary.json never half-written."""
+    import hfrun.checkpoint
+    run = Run(make_config("solver.lr=0.01", "run.max_updates=100", "run.checkpoint_every=10"), tmp_path)
+    real_open, opened = open, []
+
+    def open_on_a_disk_that_fills_up(path, mode="r", *args, **kwargs):
+        opened.append(str(path))
+        if "last.pt" in str(path) and sum("last.pt" in name for name in opened) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(hfrun.checkpoint, "open", open_on_a_disk_that_fills_up, raising=False)
+    with pytest.raises(OutputError, match=f"The disk holding {tmp_path / 'checkpoints'} is full"):
+        run.train()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["update"] == 20
+    summary = _strict_json(tmp_path / "summary.json")
+    assert summary["status"] == "error" and "No space left" in summary["message"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_full_disk_for_the_summary_leaves_no_empty_file(make_config, tmp_path, monkeypatch):
+    import hfrun.checkpoint
+    run = Run(make_config("solver.lr=0.01", "run.max_updates=10"), tmp_path)
+    real_open = open
+
+    def no_room_for_the_summary(path, mode="r", *args, **kwargs):
+        if "summary.json" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(hfrun.checkpoint, "open", no_room_for_the_summary, raising=False)
+    with pytest.raises(OutputError, match="summary.json"):
+        run.train()
+    assert not (tmp_path / "summary.json").exists() and not list(tmp_path.rglob("*.tmp"))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["update"] == 10
+
+
+KILLED_DURING_CHECKPOINT = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from conftest import compose_config
+from hfrun.engine import Run
+writes = 0
+real_save = torch.save
+def save_then_die(state, handle, *args, **kwargs):
+    global writes
+    writes += 1
+    if writes == 4:  # the fourth checkpoint write: half a file, then SIGKILL
+        handle.write(b"half a checkpoint")
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(state, handle, *args, **kwargs)
+torch.save = save_then_die
+Run(compose_config(*{overrides!r}), {run_dir!r}).train()
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_then_exact_resume(make_config, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    overrides = ["solver=hf", *HF_SMALL, "run.max_updates=30", "run.eval_every=5", "run.checkpoint_every=5"]
+    straight = Run(make_config(*overrides), tmp_path / "straight")
+    expected = straight.train()
+    killed_dir = tmp_path / "killed"
+    script = KILLED_DURING_CHECKPOINT.format(tests=str(Path(__file__).parent), overrides=overrides,
+                                             run_dir=str(killed_dir))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    # The kill hit the write of best.pt or last.pt; both are either absent or whole, never half-written.
+    state = load_checkpoint(killed_dir / "checkpoints" / "last.pt")
+    assert 0 < state["progress"]["update"] < 30
+    resumed_run = Run(make_config(*overrides, f"run.resume={killed_dir}"), killed_dir)
+    resumed = resumed_run.train()
+    assert _without_timing(resumed) == _without_timing(expected)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed_run.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_model_that_does_not_fit_the_task_is_named(make_config, tmp_path):
+    with pytest.raises(HfrunError, match=r"hfrun.models.mlp.MLP does not fit the task addition_T30.*\(2, 30, 2\)"):
+        Run(make_config("model=mlp", "task=addition_T30", "run.device=cpu"), tmp_path)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("solver.lr=abc", "solver.lr must be a number, got 'abc' (str). Example: solver.lr=0.01."),
+    ("solver.batch_size=1.5", "solver.batch_size must be an integer, got 1.5 (float)."),
+    ("solver.nesterov=maybe", "solver.nesterov must be true or false, got 'maybe' (str). Example: "
+                              "solver.nesterov=false."),
+    ("model.activation=3", "model.activation must be a string, got 3 (int). Example: model.activation=tanh."),
+    ("task.noise_std=abc", "task.noise_std must be a number, got 'abc' (str). Example: task.noise_std=0.1."),
+])
+def test_an_option_of_the_wrong_type_names_its_key_and_an_example(make_config, tmp_path, override, fragment):
+    overrides = ["solver=sgd", override] if override.startswith("solver.nesterov") or "batch" in override else [override]
+    with pytest.raises(HfrunError) as refused:
+        Run(make_config(*overrides), tmp_path)
+    assert fragment in str(refused.value)
+
+
+def test_linreg_reports_its_distance_to_the_known_optimum(make_config, tmp_path):
+    import numpy as np
+    summary = Run(make_config("solver.lr=0.01", "run.max_updates=20"), tmp_path).train()
+    run_task = Run(make_config(), tmp_path / "again").task
+    design = np.hstack([run_task.train_x.numpy(), np.ones((len(run_task.train_x), 1))])
+    solution, *_ = np.linalg.lstsq(design, run_task.train_y.numpy(), rcond=None)  # an independent solve
+    optimum_loss = 0.5 * float(np.square(design @ solution - run_task.train_y.numpy()).sum(1).mean())
+    assert math.isclose(summary["optimum_train_loss"], optimum_loss, rel_tol=1e-6)
+    assert summary["excess_train_loss"] > 0.01  # 20 Adam steps are far from the optimum, and it says so
+
+
+def test_a_stalled_hf_run_ends_with_its_status_not_a_traceback(make_config, tmp_path):
+    """`hfrun solver=hf` on linreg with the default settings used to die with an overflow at update 246."""
+    summary = Run(make_config("solver=hf", "solver.damping_max=1000", "solver.stall_updates=3",
+                              "run.max_updates=300"), tmp_path).train()
+    assert summary["status"] == "stalled" and summary["updates"] < 300
+    assert "damping_max=1000" in summary["message"] and "stalled" in summary["message"]
+    assert summary["final_eval_update"] == summary["updates"]
+    assert summary["excess_train_loss"] < 1e-6  # stalled because it is at the optimum
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["update"] == summary["updates"]

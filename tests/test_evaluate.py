@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from hfrun.engine import Run
 from hfrun.errors import HfrunError
@@ -27,16 +28,41 @@ def test_held_out_set_can_be_changed_and_bad_values_are_refused(make_config, tmp
     summary = Run(make_config(*ONE_SGD_UPDATE_ON_ADDITION), tmp_path).train()
     same = evaluate_run(tmp_path)
     assert math.isclose(same["error"], summary["final_val_error"], abs_tol=1e-9)
-    other_seed = evaluate_run(tmp_path, overrides=("seed=7", "task.eval_sequences=3000"))
+    other_seed = evaluate_run(tmp_path, overrides=("task.eval_seed=7", "task.eval_sequences=3000"))
     assert 0 <= other_seed["error"] <= 1 and other_seed["loss"] != same["loss"]
     with pytest.raises(HfrunError, match="eval_sequences must be at least 1000"):
         evaluate_run(tmp_path, overrides=("task.eval_sequences=10",))
 
 
-def test_command_line_table_and_skipped_directories(make_config, tmp_path, capsys):
+def test_command_line_table_and_directories_it_cannot_use(make_config, tmp_path, capsys):
     run_dir = tmp_path / "run"
     Run(make_config(*ADAM_LINREG), run_dir).train()
-    main([str(run_dir), str(tmp_path / "empty"), "--device", "cpu"])
-    printed = capsys.readouterr().out
-    assert "skipped" in printed and "empty" in printed
-    assert "linreg" in printed and "adam" in printed
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        main([str(run_dir), str(tmp_path / "empty"), str(tmp_path / "missing"), "--device", "cpu"])
+    assert exited.value.code == 1
+    printed = capsys.readouterr()
+    assert "linreg" in printed.out and "adam" in printed.out  # the usable run is still evaluated
+    errors = " ".join(printed.err.split())
+    assert "empty has no checkpoints/last.pt" in errors and "missing does not exist" in errors
+
+
+def test_a_missing_path_alone_exits_nonzero(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([str(tmp_path / "nowhere")])
+    assert exited.value.code == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_fresh_held_out_set_keeps_the_training_problem(make_config, tmp_path):
+    """On linreg the seed fixes w*, b* and the training set: task.eval_seed changes only the held-out set."""
+    from hfrun.engine import build_task
+    task = build_task(make_config(), "cpu", torch.float64)
+    fresh = build_task(make_config("task.eval_seed=5"), "cpu", torch.float64)
+    assert torch.equal(task.true_weight, fresh.true_weight) and torch.equal(task.train_x, fresh.train_x)
+    assert not torch.equal(task.eval_x, fresh.eval_x)
+    # the fresh held-out set is drawn from the same problem: the true parameters' mse is the noise floor σ²
+    residual = fresh.eval_x @ fresh.true_weight.T + fresh.true_bias - fresh.eval_y
+    assert abs(float(residual.square().mean()) - 0.1 ** 2) < 0.002
+    Run(make_config(*ADAM_LINREG), tmp_path).train()
+    with pytest.raises(HfrunError, match="task.eval_seed"):
+        evaluate_run(tmp_path, overrides=("seed=3",))

@@ -147,6 +147,9 @@ def test_state_dict_round_trip_keeps_damping_and_warm_start():
     ({"initial_damping": -1.0}, "solver.initial_damping"),
     ({"cg_max_iters": 0}, "solver.cg_max_iters"),
     ({"jv_method": "finite_differences"}, "solver.jv_method"),
+    ({"initial_damping": 10.0, "damping_max": 1.0}, "solver.damping_max"),
+    ({"damping_max": float("inf")}, "solver.damping_max"),
+    ({"stall_updates": 0}, "solver.stall_updates"),
 ])
 def test_bad_settings_are_rejected(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -235,3 +238,35 @@ def test_curvature_batch_spanning_several_chunks_is_their_size_weighted_mean():
     expected = torch.linalg.solve(curvature, -gradient)
     torch.testing.assert_close(solver.warm_start, expected, rtol=1e-9, atol=1e-12)
     assert stats["examples_curv"] == 600 * stats["cg_iters"]
+
+
+def test_damping_stays_bounded_and_a_stall_at_the_optimum_is_reported():
+    """At the least-squares optimum no step can lower the full-batch loss: every update is rejected and λ
+    grows ×1.5 each time. It stops at damping_max (unbounded it overflowed float32 after ~220 updates) and,
+    after stall_updates rejected updates there, the solver reports the stall; the model is at the optimum."""
+    task = LinearRegression(name="linreg", seed=0, device="cpu", dtype=torch.float32)
+    model = MLP(10, 1, [])
+    solver = HessianFree(model, task.loss, gradient_batch_size=2000, damping_max=1e3, stall_updates=4,
+                         weight_cost=0.0)
+    stream, history = task.train_stream(), []
+    for _ in range(200):
+        stats = solver.step(stream)
+        history.append(stats)
+        assert solver.damping <= 1e3
+        if "stalled" in stats:
+            break
+    assert "stalled" in history[-1] and "damping_max=1000" in history[-1]["stalled"]
+    assert [s["lambda"] for s in history[-4:]] == [1e3] * 4 and all(s["rho"] < 0.25 for s in history[-4:])
+    assert not any("stalled" in s for s in history[:-1])
+    optimum_loss = float(task.loss(task.train_x @ task.optimum()[0].T + task.optimum()[1], task.train_y))
+    assert history[-1]["loss"] == pytest.approx(optimum_loss, rel=1e-4)
+
+
+def test_a_checkpointed_damping_above_the_bound_is_brought_back():
+    """last.pt of a run from before damping_max may hold λ = 4.8e37 or inf: resuming must not overflow."""
+    task = LinearRegression(name="linreg", seed=0, device="cpu", dtype=torch.float32)
+    solver = HessianFree(MLP(10, 1, []), task.loss, gradient_batch_size=500)
+    solver.load_state_dict({"damping": math.inf, "warm_start": None})
+    assert solver.damping == solver.damping_max and solver.updates_stuck_at_max == 0
+    stats = solver.step(task.train_stream())
+    assert math.isfinite(stats["loss"]) and stats["lambda"] <= solver.damping_max

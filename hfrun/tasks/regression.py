@@ -72,9 +72,8 @@ class LinearRegression(Task):
         (losses over the whole training set, in float64)."""
         weight, bias = self.optimum()
         optimum_outputs = self.train_x @ weight.T + bias
-        optimum_train_loss = float(self.loss(optimum_outputs, self.train_y)) / len(self.train_x)
-        train_loss = float(self.loss(model(self._on_device(self.train_x)).double().cpu(), self.train_y)) / len(
-            self.train_x)
+        optimum_train_loss = float(self.loss(optimum_outputs, self.train_y))  # losses are per-case means
+        train_loss = float(self.loss(model(self._on_device(self.train_x)).double().cpu(), self.train_y))
         optimum_val_mse = float((self.eval_x @ weight.T + bias - self.eval_y).square().sum(-1).mean())
         # Rounded: LAPACK's threaded solve may differ in the last bits between two calls on the same data.
         return {key: float(f"{value:.10g}") for key, value in (

@@ -1,0 +1,23 @@
+"""The live progress line counts toward the budget that binds first and shows an ETA."""
+from __future__ import annotations
+
+from hfrun.logging import RunLogger
+
+
+def _logger(tmp_path, **kwargs):
+    return RunLogger(tmp_path, "", tensorboard=False, progress=False, metric_name="error", **kwargs)
+
+
+def test_a_time_budget_drives_the_bar_and_the_eta(tmp_path):
+    logger = _logger(tmp_path, max_updates=1_000_000, start_update=0, max_seconds=100)
+    assert logger._budget_spent(10, 50.0) == 0.5  # 10 of a million updates, but half the seconds
+    assert "or 100 s" in logger._where(10)
+    logger.started -= 50.0  # 50 s into this session, 10 updates done
+    assert logger._eta(10, 50.0) == "0:00:50"  # the time budget binds: 50 s left, not ~58 days
+
+
+def test_an_update_budget_eta_follows_the_pace(tmp_path):
+    logger = _logger(tmp_path, max_updates=100, start_update=20, start_seconds=30.0)
+    logger.started -= 40.0  # 20 updates of this session took 40 s
+    assert logger._eta(40, 70.0) == "0:02:00"  # 60 updates left at 2 s each
+    assert logger._budget_spent(40, 70.0) == 0.4 and logger._where(40) == "update 40/100"
