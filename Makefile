@@ -21,7 +21,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 run: $(STAMP)
-	$(BIN)/hfrun solver=hf task=temporal_order_T30 run.max_seconds=120
+	$(BIN)/hfrun solver=hf task=temporal_order_T30 run.eval_every=1 run.max_seconds=120
 
 bench: $(STAMP)
 	$(BIN)/python -m hfrun.bench

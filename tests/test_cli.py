@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_hfrun
@@ -182,3 +183,15 @@ def test_diverged_run_exits_nonzero_with_message(tmp_path):
     assert "diverged" in result.stderr and "Traceback" not in result.stderr
     summary = json.loads(next(tmp_path.glob("outputs/linreg/sgd/*/summary.json")).read_text())
     assert summary["status"] == "diverged"
+
+
+@pytest.mark.slow
+def test_the_first_example_is_solved(tmp_path):
+    """`make run`'s command (README, Quick start) ends solved within its two-minute cap."""
+    import re
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    command = re.search(r"^run:.*\n\t\$\(BIN\)/hfrun (.*)$", makefile, re.M).group(1).split()
+    result = run_hfrun(*command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(next(tmp_path.glob("outputs/*/hf/*/summary.json")).read_text())
+    assert summary["status"] == "solved" and summary["final_val_error"] < 0.001
