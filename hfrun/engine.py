@@ -93,6 +93,10 @@ def validate_run_config(cfg: DictConfig) -> None:
     patience = run.early_stop.patience
     _require(patience is None or (_is_int(patience) and patience >= 1),
              f"run.early_stop.patience must be a positive integer or null, got {patience!r}.")
+    threads = run.get("threads")
+    _require(threads is None or (_is_int(threads) and threads >= 1),
+             f"run.threads must be a positive integer or null (torch's default), got {threads!r}. "
+             "Example: run.threads=1.")
     for key in ("flush_denormal", "stop_when_solved"):
         _require(isinstance(run[key], bool), f"run.{key} must be true or false, got {run[key]!r}.")
 
@@ -277,6 +281,8 @@ class Run:
         self.dtype = DTYPES[cfg.run.dtype]
         if self.device.type == "cpu":
             torch.set_flush_denormal(cfg.run.flush_denormal)
+        if cfg.run.get("threads") is not None:
+            torch.set_num_threads(int(cfg.run.threads))
         resume_state = self._load_resume_state()
         torch.manual_seed(int(cfg.seed))
         self.task = build_task(cfg, self.device, self.dtype)

@@ -149,6 +149,7 @@ def test_an_unexpected_error_still_leaves_a_summary(make_config, tmp_path):
     ("run.eval_every=0", "run.eval_every must be a positive integer"),
     ("run.device=tpu", "run.device must be auto, cpu or cuda"),
     ("run.dtype=float16", "run.dtype must be one of"),
+    ("run.threads=0", "run.threads must be a positive integer or null"),
     ("run.early_stop.metric=accuracy", "run.early_stop.metric='accuracy' is not reported"),
     ("solver.lr=-1", "Could not build the solver"),
 ])
@@ -392,3 +393,12 @@ def test_a_stalled_hf_run_ends_with_its_status_not_a_traceback(make_config, tmp_
     assert summary["final_eval_update"] == summary["updates"]
     assert summary["excess_train_loss"] < 1e-6  # stalled because it is at the optimum
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["update"] == summary["updates"]
+
+
+def test_run_threads_sets_torch_threads(make_config, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        Run(make_config("run.threads=1"), tmp_path)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
