@@ -7,6 +7,7 @@ loads with `torch.load(weights_only=True)`: no pickled code runs on load.
 from __future__ import annotations
 
 import errno
+import io
 import os
 from pathlib import Path
 from typing import Callable, IO
@@ -14,6 +15,9 @@ from typing import Callable, IO
 import torch
 
 from hfrun.errors import HfrunError
+
+
+CHECKPOINT_KEYS = ("model", "solver", "stream", "progress", "rng", "config")
 
 
 class OutputError(HfrunError):
@@ -61,7 +65,11 @@ def output_error_message(path: Path, error: OSError) -> str:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    write_atomically(path, lambda handle: torch.save(state, handle))
+    # Serialized in memory first: torch.save writing to a full disk raises a RuntimeError from its zip
+    # writer ("unexpected pos"), where a plain write raises the OSError (ENOSPC) that names the problem.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(path, lambda handle: handle.write(buffer.getbuffer()))
 
 
 def require_checkpoint(path: Path) -> None:
@@ -75,8 +83,13 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     require_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise HfrunError(f"The checkpoint {path} could not be read ({type(error).__name__}: {error}). "
                          "It is corrupt or not an hfrun checkpoint; resume from another run directory "
                          "or start afresh.") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise HfrunError(f"The checkpoint {path} is not an hfrun checkpoint: it lacks {', '.join(missing)}. "
+                         "Resume from another run directory or start afresh.")
+    return state

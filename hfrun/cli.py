@@ -57,6 +57,12 @@ def main(cfg: DictConfig) -> float:
             return _sweep_job_failed(cfg, run_dir, str(error))
         undo_start()
         sys.exit(1)
+    except Exception as error:  # a bug or a case no check foresaw: say so, and still leave nothing behind
+        if sweep:
+            logging.getLogger("hfrun").exception("The job could not start")
+            return _sweep_job_failed(cfg, run_dir, f"{type(error).__name__}: {error}")
+        undo_start()
+        raise
     try:
         summary = run.train()
     except HfrunError as error:  # a run file could not be written; summary.json says so where it could be
@@ -78,5 +84,7 @@ def main(cfg: DictConfig) -> float:
         if not sweep:
             sys.exit(1)
         return math.inf
+    # A success found only at the final evaluation has no scheduled best yet: the final figure stands for it.
     best = summary.get(f"best_val_{summary['objective']}")
+    best = summary.get(f"final_val_{summary['objective']}") if best is None else best
     return math.inf if best is None else best

@@ -2,6 +2,7 @@
 type check of every `_target_`'s options against its constructor's annotations."""
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import types
 import typing
@@ -62,6 +63,29 @@ def _checked_kinds(annotation) -> tuple[tuple, bool] | None:
     return None
 
 
+def _sequence_of(annotation) -> tuple[type, int | None] | None:
+    """(item type, fixed length or None) for list[int], Sequence[int], tuple[float, float], tuple[int, ...]."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, collections.abc.Sequence) and len(args) == 1 and args[0] in _NAMES:
+        return args[0], None
+    if origin is tuple and args:
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in _NAMES:
+            return args[0], None
+        if len(set(args)) == 1 and args[0] in _NAMES:
+            return args[0], len(args)
+    return None
+
+
+def _check_sequence(group: str, key: str, value, item: type, length: int | None, default) -> None:
+    items = list(value) if isinstance(value, (ListConfig, list, tuple)) else None
+    if items is not None and all(_accepts(item, v) for v in items) and (length is None or len(items) == length):
+        return
+    count = f"{length} " if length else ""
+    example = list(default) if isinstance(default, (list, tuple)) else [_EXAMPLES[item]] * (length or 2)
+    raise HfrunError(f"{group}.{key} must be a list of {count}{_NAMES[item].removeprefix('an ').removeprefix('a ')}"
+                     f" values, got {value!r}. Example: {group}.{key}=[{','.join(map(str, example))}].")
+
+
 def check_option_types(group: str, cfg: DictConfig) -> None:
     """Check each option of `cfg` against the annotation of the same-named argument of `cfg._target_`.
 
@@ -78,13 +102,18 @@ def check_option_types(group: str, cfg: DictConfig) -> None:
     except Exception:  # an unknown target is reported by instantiate itself
         return
     for key, value in cfg.items():
-        if key not in hints or isinstance(value, (DictConfig, ListConfig)):
+        if key not in hints or isinstance(value, DictConfig):
+            continue
+        sequence = _sequence_of(hints[key])
+        if sequence is not None:
+            default = parameters[key].default if key in parameters else None
+            _check_sequence(group, key, value, *sequence, default)
             continue
         checked = _checked_kinds(hints[key])
         if checked is None:
             continue
         kinds, none_allowed = checked
-        if (value is None and none_allowed) or any(_accepts(kind, value) for kind in kinds):
+        if isinstance(value, ListConfig) or (value is None and none_allowed) or any(_accepts(kind, value) for kind in kinds):
             continue
         default = parameters[key].default if key in parameters else inspect.Parameter.empty
         example = (str(default).lower() if isinstance(default, bool) else str(default)) if (

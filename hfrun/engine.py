@@ -74,6 +74,9 @@ def validate_run_config(cfg: DictConfig) -> None:
              "e.g. task=addition_T30.")
     _require(_is_int(cfg.seed), f"seed must be an integer, got {cfg.seed!r}. Example: seed=3.")
     run = cfg.run
+    _require(isinstance(run.get("early_stop"), DictConfig),
+             f"run.early_stop must be a group of keys (patience, metric, min_delta), got {run.get('early_stop')!r}. "
+             "Set its keys instead, e.g. run.early_stop.patience=5.")
     min_delta = run.early_stop.min_delta
     _require(isinstance(min_delta, (int, float)) and not isinstance(min_delta, bool) and min_delta >= 0,
              f"run.early_stop.min_delta must be a number >= 0, got {min_delta!r}.")
@@ -309,11 +312,16 @@ class Run:
         return state
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.solver.load_state_dict(state["solver"])
-        self.stream.load_state_dict(state["stream"])
-        self.progress = Progress(**state["progress"])
-        set_rng_state(state["rng"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.solver.load_state_dict(state["solver"])
+            self.stream.load_state_dict(state["stream"])
+            self.progress = Progress(**state["progress"])
+            set_rng_state(state["rng"])
+        except Exception as error:  # a damaged checkpoint or one this model's shapes do not match
+            raise HfrunError(f"The checkpoint {self.cfg.run.resume}/checkpoints/last.pt does not fit this run "
+                             f"({type(error).__name__}: {error}). It is damaged or from another model; resume "
+                             "from another run directory or start afresh.") from None
         log.info("Resumed from update %d.", self.progress.update)
 
     def _state(self) -> dict:
@@ -371,7 +379,8 @@ class Run:
         metrics = self._evaluate()
         logger.log_eval(p.update, metrics)
         final.last_eval, final.eval_update = dict(metrics), p.update
-        if self._record_solved(final, metrics) and status in ("budget", "interrupted", "stalled"):
+        if (self._record_solved(final, metrics) and self.cfg.run.stop_when_solved
+                and status in ("budget", "interrupted", "stalled")):
             status = "solved"
         return final, status
 
@@ -394,9 +403,13 @@ class Run:
                 final, status = self._final_progress(status, logger)
         except KeyboardInterrupt:
             status = "interrupted"
-            message = (f"Aborted by a second Ctrl-C during update {p.update + 1}; checkpoints/last.pt holds the "
-                       "last checkpointed update, from which run.resume continues. The final figures are those "
-                       f"of the evaluation at update {p.eval_update}.")
+            last = self.checkpoint_dir / "last.pt"
+            saved = (f"checkpoints/last.pt holds update {load_checkpoint(last)['progress']['update']}, from which "
+                     "run.resume continues" if last.is_file() else
+                     "no checkpoints/last.pt had been written yet, so the run cannot be resumed: start it again")
+            figures = (f"the final figures are those of the evaluation at update {p.eval_update}, not of the "
+                       "model the run stopped at" if p.last_eval else "no evaluation had been made")
+            message = f"Aborted by a second Ctrl-C during update {p.update + 1}: {saved}; {figures}."
         except OutputError as error:
             status, message = "error", str(error)
         except Exception as error:
@@ -419,7 +432,9 @@ class Run:
             stats = {"loss": math.nan, "error": str(error)}
         if not math.isfinite(stats["loss"]) or not _parameters_finite(self.model):
             detail = f" ({stats['error']})" if "error" in stats else ""
-            return "diverged", (f"The training loss became {stats['loss']} at update {p.update + 1}{detail}: the "
+            what = (f"The training loss became {stats['loss']}" if not math.isfinite(stats["loss"])
+                    else "The parameters became NaN or infinite")
+            return "diverged", (f"{what} at update {p.update + 1}{detail}: the "
                                 "run diverged. No checkpoint was written for it; last.pt and best.pt, where "
                                 "written, hold the last finite state. Lower the learning rate or raise the "
                                 "damping and start again.")

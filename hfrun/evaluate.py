@@ -22,23 +22,41 @@ from rich.console import Console
 from rich.table import Table
 
 from hfrun.checkpoint import load_checkpoint
-from hfrun.engine import DTYPES, build_model, build_task, resolve_device
+from hfrun.engine import DTYPES, build_model, build_task, resolve_device, validate_run_config
 from hfrun.errors import HfrunError
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "last", overrides: tuple[str, ...] = (),
                  device: str = "auto") -> dict:
     """The held-out metrics of `run_dir`'s checkpoint on its task, rebuilt with `overrides`."""
+    malformed = [override for override in overrides if "=" not in override or override.startswith(("+", "~"))]
+    if malformed:
+        raise HfrunError(f"--set takes KEY=VALUE pairs of keys the run's config has, got {', '.join(malformed)}. "
+                         "Example: --set task.eval_sequences=10000.")
     if any(override.split("=", 1)[0].strip() == "seed" for override in overrides):
         raise HfrunError("--set seed=... would change the training problem itself (for linreg its weights and "
                          "training set), not only the held-out set. Use --set task.eval_seed=N for a fresh "
                          "held-out set of the same task.")
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
-    cfg = OmegaConf.merge(OmegaConf.create(state["config"]), OmegaConf.from_dotlist(list(overrides)))
-    torch_device, dtype = resolve_device(device), DTYPES[cfg.run.dtype]
-    task = build_task(cfg, torch_device, dtype)
-    model = build_model(cfg, task, torch_device, dtype)
-    model.load_state_dict(state["model"])
+    saved = OmegaConf.create(state["config"])
+    unknown = [o for o in overrides if OmegaConf.select(saved, o.split("=", 1)[0].strip(), default=KeyError) is KeyError]
+    if unknown:
+        raise HfrunError(f"--set {', '.join(unknown)}: the run's config has no such key (a config group such as "
+                         "task= cannot be swapped here). Change values of the run's own task, e.g. "
+                         "--set task.eval_sequences=10000.")
+    try:
+        cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(list(overrides)))
+        validate_run_config(cfg)
+        torch_device, dtype = resolve_device(device), DTYPES[cfg.run.dtype]
+        task = build_task(cfg, torch_device, dtype)
+        model = build_model(cfg, task, torch_device, dtype)
+        model.load_state_dict(state["model"])
+    except HfrunError:
+        raise
+    except Exception as error:  # e.g. --set model.hidden_sizes=[5]: the checkpoint no longer fits the model
+        raise HfrunError(f"The run could not be rebuilt with --set {' '.join(overrides)} "
+                         f"({type(error).__name__}: {error}). Change only held-out settings, such as "
+                         "task.eval_sequences or task.eval_seed.") from None
     model.eval()
     with torch.no_grad():
         metrics = task.evaluate(model)

@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from torch.utils.tensorboard import SummaryWriter
 
 console = Console(stderr=True)
@@ -135,12 +136,12 @@ def print_summary(summary: dict) -> None:
 
 def say(message: str) -> None:
     """A line for the user: on the console and in run.log."""
-    console.print(message)
+    console.print(message, markup=False)
     record.info("%s", message)
 
 
 def print_error(message: str, to_run_log: bool = True) -> None:
     """An error, once: on the console and (unless there is no run.log yet) in run.log."""
-    console.print(f"[bold red]hfrun error:[/] {message}")
+    console.print(Text.assemble(("hfrun error: ", "bold red"), message))  # the message is not markup
     if to_run_log:
         record.error("%s", message)

@@ -43,7 +43,11 @@ def run_settings(summary_path: Path, keys: tuple[str, ...]) -> dict[str, str | N
     config_path = summary_path.parent / ".hydra" / "config.yaml"
     if not keys or not config_path.is_file():
         return dict.fromkeys(keys, "?")
-    config = OmegaConf.load(config_path)
+    try:
+        config = OmegaConf.load(config_path)
+    except Exception as error:
+        raise HfrunError(f"{config_path} could not be read ({type(error).__name__}: {error}); --split-by needs "
+                         "it. Repair or remove it, or report without --split-by.") from None
     values = {key: OmegaConf.select(config, key, default=None) for key in keys}
     return {key: None if value is None else str(value) for key, value in values.items()}
 
@@ -90,7 +94,8 @@ def rows(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
         statuses = Counter(s["status"] for s in summaries)
         finished = [s for s in summaries if s["status"] in FINISHED]
         criterion = any("solved" in s for s in summaries)
-        solved = [s for s in finished if s.get("solved")]
+        solved = [s for s in finished if s.get("solved") and s.get("solved_minibatches") is not None
+                  and s.get("solved_update") is not None]
         metric = next((s["metric"] for s in summaries if s.get("metric")), None)
         finals = [s.get(f"final_val_{metric}") for s in finished]
         table.append({

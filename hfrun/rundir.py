@@ -38,7 +38,8 @@ class StartRecord:
 
     run_dir: Path
     created_dirs: list[Path] = field(default_factory=list)  # made by this start, outermost first
-    hydra_subdir: Path | None = None  # Hydra's record of this command, when this start writes it anew
+    hydra_subdir: Path | None = None  # Hydra's record of this command, its outermost new folder
+    hydra_files: dict[Path, bytes] = field(default_factory=dict)  # the record's files already there, to put back
     run_log_size: int | None = None  # run.log's size before this start; None: it did not exist
 
 
@@ -96,6 +97,8 @@ def undo_start() -> None:
         os.truncate(run_log, _start.run_log_size)
     if _start.hydra_subdir is not None:
         shutil.rmtree(_start.hydra_subdir, ignore_errors=True)
+    for path, content in _start.hydra_files.items():  # Hydra overwrote an earlier run's record: restore it
+        path.write_bytes(content)
     _remove_empty(_start.created_dirs)
 
 
@@ -119,10 +122,15 @@ class RunGuard(Callback):
         if directory is None:
             return
         run_dir = Path(os.path.abspath(str(directory)))
-        hydra_subdir = None if subdir is None else run_dir / str(subdir)
         run_log = run_dir / "run.log"
-        record = StartRecord(run_dir, run_log_size=run_log.stat().st_size if run_log.is_file() else None,
-                             hydra_subdir=hydra_subdir if hydra_subdir and not hydra_subdir.exists() else None)
+        record = StartRecord(run_dir, run_log_size=run_log.stat().st_size if run_log.is_file() else None)
+        if subdir is not None:
+            hydra_subdir = run_dir / str(subdir)
+            new = [path for path in (hydra_subdir, *hydra_subdir.parents) if path.is_relative_to(run_dir)
+                   and path != run_dir and not path.exists()]
+            record.hydra_subdir = new[-1] if new else None
+            if hydra_subdir.is_dir():
+                record.hydra_files = {path: path.read_bytes() for path in hydra_subdir.iterdir() if path.is_file()}
         record.created_dirs = _make_writable_dir(run_dir)
         _start = record
 
@@ -138,10 +146,15 @@ class RunGuard(Callback):
         jobs = sorted((path.parent.parent for path in Path(str(directory)).rglob(".hydra/overrides.yaml")),
                       key=lambda path: str(path))
         failures = [line for line in map(_failure, jobs) if line]
+        diverged = [job.name for job in jobs if (job / "summary.json").is_file()
+                    and read_summary(job / "summary.json").get("status") == "diverged"]
+        if diverged:  # an outcome of the settings (e.g. a learning rate too large), not a failure of the job
+            console.print(f"{len(diverged)} of {len(jobs)} jobs diverged (an outcome, not a failure): "
+                          f"{', '.join(diverged)}", markup=False)
         if failures:
             console.print(f"[bold red]{len(failures)} of {len(jobs)} jobs of the sweep in {directory} failed:[/]")
             for line in failures:
-                console.print(f"  {line}")
+                console.print(f"  {line}", markup=False)
             sys.exit(1)
 
 

@@ -195,3 +195,35 @@ def test_the_first_example_is_solved(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(next(tmp_path.glob("outputs/*/hf/*/summary.json")).read_text())
     assert summary["status"] == "solved" and summary["final_val_error"] < 0.001
+
+
+@pytest.mark.parametrize("overrides", [["run.early_stop=abc"], ["run.resume=123"],
+                                       ["model=mlp", "model.hidden_sizes=abc"], ["solver=adam", "solver.betas=abc"]])
+def test_more_refusals_leave_nothing(tmp_path, overrides):
+    result = run_hfrun(*overrides, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and _errors_in(result.stderr) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_start_into_an_existing_run_puts_its_record_back(tmp_path):
+    run_dir = tmp_path / "a_run"
+    assert run_hfrun(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    refused = run_hfrun("solver.lr=abc", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_resuming_from_a_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    import torch
+    run_dir = tmp_path / "a_run"
+    assert run_hfrun(*TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["model"] = {key: torch.zeros(3) for key in state["model"]}
+    torch.save(state, last)
+    hydra_before = sorted(p.name for p in (run_dir / ".hydra").iterdir())
+    result = run_hfrun("solver.lr=0.01", "run.max_updates=40", f"run.resume={run_dir}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "does not fit this run" in " ".join(result.stderr.split())
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == hydra_before

@@ -210,14 +210,18 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"x": torch.ones(3)}, path)
 
+    import hfrun.checkpoint
+
     def crash(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(hfrun.checkpoint, "open", crash, raising=False)
     with pytest.raises(OutputError, match=f"The disk holding {tmp_path} is full"):
         save_checkpoint({"x": torch.zeros(3)}, path)
-    assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    with pytest.raises(HfrunError, match="is not an hfrun checkpoint: it lacks model"):
+        load_checkpoint(path)
 
 
 def test_budget_in_seconds(make_config, tmp_path):
@@ -312,21 +316,38 @@ def test_full_disk_for_the_summary_leaves_no_empty_file(make_config, tmp_path, m
 
 KILLED_DURING_CHECKPOINT = """
 import os, signal, sys
-import torch
 sys.path.insert(0, {tests!r})
+import hfrun.checkpoint
 from conftest import compose_config
 from hfrun.engine import Run
 writes = 0
-real_save = torch.save
-def save_then_die(state, handle, *args, **kwargs):
-    global writes
-    writes += 1
-    if writes == 4:  # the fourth checkpoint write: half a file, then SIGKILL
-        handle.write(b"half a checkpoint")
-        handle.flush()
+real_open = open
+
+
+class HalfThenKilled:
+    def __init__(self, handle):
+        self.handle = handle
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.handle.close()
+    def write(self, data):
+        self.handle.write(bytes(data)[: len(data) // 2])
+        self.handle.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    real_save(state, handle, *args, **kwargs)
-torch.save = save_then_die
+
+
+def open_and_die_on_the_fourth_checkpoint(path, mode="r", *args, **kwargs):
+    global writes
+    handle = real_open(path, mode, *args, **kwargs)
+    if str(path).endswith(".pt.tmp"):
+        writes += 1
+        if writes == 4:  # half of the fourth checkpoint file, then SIGKILL
+            return HalfThenKilled(handle)
+    return handle
+
+
+hfrun.checkpoint.open = open_and_die_on_the_fourth_checkpoint
 Run(compose_config(*{overrides!r}), {run_dir!r}).train()
 """
 

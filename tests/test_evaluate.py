@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -66,3 +67,14 @@ def test_a_fresh_held_out_set_keeps_the_training_problem(make_config, tmp_path):
     Run(make_config(*ADAM_LINREG), tmp_path).train()
     with pytest.raises(HfrunError, match="task.eval_seed"):
         evaluate_run(tmp_path, overrides=("seed=3",))
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("foo", "--set takes KEY=VALUE pairs"), ("+seed=3", "--set takes KEY=VALUE pairs"),
+    ("task.nope=3", "the run's config has no such key"), ("run.dtype=float16", "run.dtype must be one of"),
+    ("model.hidden_sizes=[5]", "The run could not be rebuilt"),
+])
+def test_bad_set_values_are_refused_with_a_reason(make_config, tmp_path, override, fragment):
+    Run(make_config(*ADAM_LINREG), tmp_path).train()
+    with pytest.raises(HfrunError, match=re.escape(fragment)):
+        evaluate_run(tmp_path, overrides=(override,))

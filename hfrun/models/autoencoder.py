@@ -1,6 +1,8 @@
 """Deep autoencoders (Hinton & Salakhutdinov 2006; Martens 2010)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from hfrun.models.mlp import ACTIVATIONS
@@ -14,7 +16,7 @@ class Autoencoder(nn.Module):
     sigmoid cross-entropy loss.
     """
 
-    def __init__(self, input_size: int, output_size: int | None = None, encoder_sizes=(1000, 500, 250),
+    def __init__(self, input_size: int, output_size: int | None = None, encoder_sizes: Sequence[int] = (1000, 500, 250),
                  code_size: int = 30, activation: str = "sigmoid"):
         super().__init__()
         if activation not in ACTIVATIONS:

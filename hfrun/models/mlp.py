@@ -1,6 +1,8 @@
 """Fully connected networks."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
@@ -13,7 +15,7 @@ class MLP(nn.Module):
     sigmoid itself. With `hidden_sizes=[]` this is an affine map.
     """
 
-    def __init__(self, input_size: int, output_size: int, hidden_sizes=(256, 256), activation: str = "tanh"):
+    def __init__(self, input_size: int, output_size: int, hidden_sizes: Sequence[int] = (256, 256), activation: str = "tanh"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation={activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}")

@@ -49,7 +49,7 @@ class SGD(FirstOrder):
 class Adam(FirstOrder):
     """Adam (Kingma & Ba 2015); torch.optim.Adam."""
 
-    def __init__(self, model: nn.Module, loss, *, lr: float, batch_size: int, betas=(0.9, 0.999),
+    def __init__(self, model: nn.Module, loss, *, lr: float, batch_size: int, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0):
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(betas), eps=eps,
                                      weight_decay=weight_decay)

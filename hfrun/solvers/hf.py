@@ -96,6 +96,13 @@ class HessianFree:
                f"finite and > 0, got {damping_min}, {initial_damping}, {damping_max}")
         _check(int(stall_updates) >= 1, f"solver.stall_updates must be a positive integer, got {stall_updates}")
         _check(int(chunk_size) >= 0, f"solver.chunk_size must be >= 0, got {chunk_size}")
+        for name, value in (("curvature_batch_size", curvature_batch_size),
+                            ("backtrack_batch_size", backtrack_batch_size)):
+            _check(value is None or int(value) >= 0, f"solver.{name} must be >= 0 (0 or null: the default), "
+                   f"got {value}")
+        _check(0 < line_search_c < 1, f"solver.line_search_c must be in (0, 1), got {line_search_c}")
+        _check(0 < line_search_shrink < 1, f"solver.line_search_shrink must be in (0, 1), got {line_search_shrink}")
+        _check(int(max_line_search) >= 0, f"solver.max_line_search must be >= 0, got {max_line_search}")
         for name, value in (("structural_damping", structural_damping),
                             ("weight_cost", weight_cost), ("cg_tol", cg_tol)):
             _check(value >= 0, f"solver.{name} must be >= 0, got {value}")
@@ -236,7 +243,8 @@ class HessianFree:
                 f"`stalled` at training loss {data_loss:.6g}. Either the loss is at a floor these batches cannot "
                 "go below (the noise floor of a regression, or a solved problem), or the quadratic model no "
                 "longer predicts the loss. Compare the final loss with what the task can reach; to go on anyway, "
-                "raise solver.damping_max or solver.stall_updates, or use a larger solver.gradient_batch_size.")
+                "start a new run with a higher solver.damping_max or solver.stall_updates, or a larger "
+                "solver.gradient_batch_size (a resume must keep the solver's settings).")
         return stats
 
     def _next_warm_start(self, solution: Tensor, step_size: float, direction: Tensor) -> Tensor | None:

@@ -1,6 +1,8 @@
 """Regression tasks with a known answer."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -28,7 +30,7 @@ class LinearRegression(Task):
     def __init__(self, *, name: str, seed: int, device, dtype: torch.dtype, input_size: int = 10,
                  output_size: int = 1, train_size: int = 2000, eval_size: int = 1000, noise_std: float = 0.1,
                  eval_seed: int | None = None):
-        if min(input_size, output_size, train_size, eval_size) < 1 or noise_std < 0:
+        if min(input_size, output_size, train_size, eval_size) < 1 or not 0 <= noise_std < math.inf:
             raise ValueError("linreg needs positive sizes and noise_std >= 0")
         self.name, self.loss = name, SquaredError()
         self.input_size, self.output_size = input_size, output_size
