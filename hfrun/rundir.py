@@ -8,7 +8,9 @@ callback (configs/config.yaml, `hydra.callbacks`), runs before any of that:
 
 - `on_run_start` refuses a resume without a checkpoint and an output directory that cannot be written,
   with one paragraph and exit status 1, before anything is created; otherwise it notes what exists, so
-  that `undo_start()` can remove exactly what this start added when the run is refused later.
+  that `undo_start()` can remove exactly what this start added when the run is refused later. A
+  time-stamped run directory is claimed atomically: a second run started in the same second gets
+  `<stamp>_2` instead of sharing (and overwriting) the first one's.
 - `on_multirun_end` reads the summary.json of every job of the sweep and, when any job failed (status
   `error`: refused or crashed), names each with its overrides and reason and exits with status 1 after
   every job has run.
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from hfrun.checkpoint import require_checkpoint
 from hfrun.errors import HfrunError
@@ -51,16 +53,17 @@ def _refuse(message: str) -> None:
     sys.exit(1)
 
 
-def _make_writable_dir(directory: Path) -> list[Path]:
-    """Create `directory` (and missing parents) and check that a file can be written in it; return the
-    directories created. On failure, remove them again and refuse the start."""
-    missing = []
-    for candidate in (directory, *directory.parents):
-        if candidate.exists():
-            break
-        missing.append(candidate)
+def _make_writable_dir(directory: Path, claim: bool = False) -> tuple[Path, list[Path]]:
+    """Create `directory` (and missing parents; with `claim`, a name no other run has, see `_claim_new`)
+    and check that a file can be written in it; return it with the directories created. On failure,
+    remove them again and refuse the start."""
+    missing = [path for path in (directory, *directory.parents) if not path.exists()]
     missing.reverse()
     try:
+        if claim:
+            directory = _claim_new(directory)
+            if directory not in missing:
+                missing.append(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
@@ -69,7 +72,7 @@ def _make_writable_dir(directory: Path) -> list[Path]:
         _refuse(f"Cannot write the run directory {directory} ({error.strerror or error}). Run hfrun from a "
                 "writable working directory, or give hydra.run.dir=<a writable directory> (hydra.sweep.dir=... "
                 "for a sweep with -m). Nothing was written.")
-    return missing
+    return directory, missing
 
 
 def _remove_empty(directories: list[Path]) -> None:
@@ -102,6 +105,27 @@ def undo_start() -> None:
     _remove_empty(_start.created_dirs)
 
 
+def _named_by_time(config: DictConfig) -> bool:
+    """Whether the run directory is the default time-stamped one (not a path the user gave)."""
+    written = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir", "")
+    return "${now:" in str(written)
+
+
+def _claim_new(run_dir: Path) -> Path:
+    """A run directory no other run has: two runs started in the same second would otherwise share the
+    time-stamped one and overwrite each other's files. mkdir is atomic, so exactly one run claims a name;
+    the next gets `_2`, `_3`, …"""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = run_dir if attempt == 1 else run_dir.with_name(f"{run_dir.name}_{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    return run_dir
+
+
 def _selected(config: DictConfig, key: str):
     try:
         return OmegaConf.select(config, key)
@@ -122,8 +146,15 @@ class RunGuard(Callback):
         if directory is None:
             return
         run_dir = Path(os.path.abspath(str(directory)))
+        if _named_by_time(config) and not (isinstance(resume, str) and resume):
+            run_dir, created_dirs = _make_writable_dir(run_dir, claim=True)
+            with read_write(config.hydra.run):
+                config.hydra.run.dir = str(run_dir)
+        else:
+            run_dir, created_dirs = _make_writable_dir(run_dir)
         run_log = run_dir / "run.log"
-        record = StartRecord(run_dir, run_log_size=run_log.stat().st_size if run_log.is_file() else None)
+        record = StartRecord(run_dir, created_dirs=created_dirs,
+                             run_log_size=run_log.stat().st_size if run_log.is_file() else None)
         if subdir is not None:
             hydra_subdir = run_dir / str(subdir)
             new = [path for path in (hydra_subdir, *hydra_subdir.parents) if path.is_relative_to(run_dir)
@@ -131,12 +162,11 @@ class RunGuard(Callback):
             record.hydra_subdir = new[-1] if new else None
             if hydra_subdir.is_dir():
                 record.hydra_files = {path: path.read_bytes() for path in hydra_subdir.iterdir() if path.is_file()}
-        record.created_dirs = _make_writable_dir(run_dir)
         _start = record
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         directory = _selected(config, "hydra.sweep.dir")
-        if directory is not None:
+        if directory is not None:  # Hydra names its job folders itself; only the folder's place is checked here
             _make_writable_dir(Path(os.path.abspath(str(directory))))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

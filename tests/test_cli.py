@@ -227,3 +227,16 @@ def test_resuming_from_a_checkpoint_that_does_not_fit_is_refused(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "does not fit this run" in " ".join(result.stderr.split())
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == hydra_before
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    import subprocess
+    from conftest import HFRUN
+    import os
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    runs = [subprocess.Popen([str(HFRUN), *TINY, f"seed={seed}", "hydra.job_logging.root.level=WARNING",
+                              "run.max_updates=5"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+            for seed in (1, 2, 3)]
+    assert all(run.wait(timeout=300) == 0 for run in runs)
+    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/linreg/adam/*/summary.json")]
+    assert sorted(s["seed"] for s in summaries) == [1, 2, 3]
