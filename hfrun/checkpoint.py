@@ -60,8 +60,7 @@ def output_error_message(path: Path, error: OSError) -> str:
     else:
         advice = f"Check that {path.parent} exists and is writable"
     return (f"Could not write {path} ({reason}). {advice}. Files written before this one are intact "
-            "(every run file is replaced atomically), so a stopped run continues with run.resume=<its run "
-            "directory> once the problem is fixed.")
+            "(every run file is replaced atomically).")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -76,6 +78,8 @@ def main(cfg: DictConfig) -> float:
         logging.getLogger("hfrun").exception("The job failed")  # the traceback goes to run.log
         print_error(f"{type(error).__name__}: {error} (traceback in {run_dir / 'run.log'})")
         return math.inf
+    if not sweep and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over and saved: a late Ctrl-C has nothing to stop
     print_summary(summary)
     console.print(f"run directory: [bold]{run_dir}[/]")
     record.info("run directory: %s", run_dir)

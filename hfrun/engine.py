@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Config groups that must match between a run and its resumption (budgets may change).
 RESUME_MUST_MATCH = ("task", "model", "solver", "seed", "run.dtype", "run.flush_denormal")
+SEED_RANGE = (-(2**63), 2**63 - 1)
 # Minibatch unit of M&S 2011's table: 1000 sequences through a gradient or a curvature product.
 PUBLISHED_MINIBATCH = 1000
 
@@ -72,7 +73,14 @@ def validate_run_config(cfg: DictConfig) -> None:
     _require(not unset, f"{', '.join(unset)} must be set: the config leaves it as ???. Give it on the command "
              "line, e.g. task.T=30 (a pathological task's minimum length), or pick a config that sets it, "
              "e.g. task=addition_T30.")
-    _require(_is_int(cfg.seed), f"seed must be an integer, got {cfg.seed!r}. Example: seed=3.")
+    _require(_is_int(cfg.seed) and SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1],
+             f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} (what torch's generators take), "
+             f"got {cfg.seed!r}. Example: seed=3.")
+    for group in ("task", "solver"):
+        name = OmegaConf.select(cfg, f"{group}.name")
+        _require(isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name,
+                 f"{group}.name names the run directory (outputs/<task>/<solver>/...), so it must be a plain name "
+                 f"without / or .., got {name!r}.")
     run = cfg.run
     _require(isinstance(run.get("early_stop"), DictConfig),
              f"run.early_stop must be a group of keys (patience, metric, min_delta), got {run.get('early_stop')!r}. "
@@ -139,7 +147,13 @@ def build_task(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
 
 
 def build_model(cfg: DictConfig, task, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    model_cfg = OmegaConf.merge(cfg.model, task.model_sizes())
+    sizes = task.model_sizes()
+    for key, size in sizes.items():
+        given = OmegaConf.select(cfg.model, key, default=None) if not OmegaConf.is_missing(cfg.model, key) else None
+        _require(given is None or given == size,
+                 f"model.{key}={given!r} was given, but it is filled in from the task ({task.name}: {size}). "
+                 f"Drop the model.{key} override.")
+    model_cfg = OmegaConf.merge(cfg.model, sizes)
     return _instantiate("model", model_cfg).to(device=device, dtype=dtype)
 
 
@@ -308,7 +322,14 @@ class Run:
             return None
         path = Path(self.cfg.run.resume)
         state = load_checkpoint(path / "checkpoints" / "last.pt")
-        check_resume_matches(state["config"], self.cfg, path)
+        try:
+            check_resume_matches(state["config"], self.cfg, path)
+        except HfrunError:
+            raise
+        except Exception as error:
+            raise HfrunError(f"The checkpoint {path}/checkpoints/last.pt holds no readable config "
+                             f"({type(error).__name__}: {error}): it is damaged. Resume from another run directory "
+                             "or start afresh.") from None
         return state
 
     def _restore(self, state: dict) -> None:
@@ -317,6 +338,9 @@ class Run:
             self.solver.load_state_dict(state["solver"])
             self.stream.load_state_dict(state["stream"])
             self.progress = Progress(**state["progress"])
+            counters = (self.progress.update, self.progress.examples_grad, self.progress.examples_curv)
+            if not all(_is_int(value) and value >= 0 for value in counters):
+                raise ValueError(f"counters {counters} are not non-negative integers")
             set_rng_state(state["rng"])
         except Exception as error:  # a damaged checkpoint or one this model's shapes do not match
             raise HfrunError(f"The checkpoint {self.cfg.run.resume}/checkpoints/last.pt does not fit this run "
@@ -411,7 +435,7 @@ class Run:
                        "model the run stopped at" if p.last_eval else "no evaluation had been made")
             message = f"Aborted by a second Ctrl-C during update {p.update + 1}: {saved}; {figures}."
         except OutputError as error:
-            status, message = "error", str(error)
+            status, message = "error", str(error) + " " + self._resume_advice()
         except Exception as error:
             self._write_summary(p, "error", f"{type(error).__name__}: {error}")
             raise
@@ -422,6 +446,13 @@ class Run:
             print_summary(summary)
             raise OutputError(message)
         return summary
+
+    def _resume_advice(self) -> str:
+        last = self.checkpoint_dir / "last.pt"
+        if last.is_file():
+            update = load_checkpoint(last)["progress"]["update"]
+            return f"checkpoints/last.pt holds update {update}: run.resume={self.run_dir} continues from there."
+        return "No checkpoints/last.pt had been written yet, so this run cannot be resumed: start it afresh."
 
     def _update(self, stop: StopRequest, logger: RunLogger, started: float) -> tuple[str | None, str | None]:
         """One solver update with its counting, logging, evaluation and checkpoint; (stop status, message)."""
@@ -482,11 +513,13 @@ class Run:
             "minibatches": (p.examples_grad + p.examples_curv) / PUBLISHED_MINIBATCH,
             "wall_time_s": round(p.wall_time_s, 3),
             "metric": metric, "objective": self.score_key,
-            "final_train_loss": p.last_train_loss, "best_train_loss": p.best_train_loss,
+            # A figure never computed (no update, no evaluation yet) is None; a computed NaN stays NaN.
+            "final_train_loss": p.last_train_loss if p.update else None,
+            "best_train_loss": p.best_train_loss if p.update else None,
             "final_eval_update": p.eval_update if p.last_eval else None,
-            "final_val_loss": p.last_eval.get("loss", math.nan), f"final_val_{metric}": p.last_eval.get(metric, math.nan),
-            "best_val_loss": p.best_eval.get("loss", math.nan), f"best_val_{metric}": p.best_eval.get(metric, math.nan),
-            "best_update": p.best_update,
+            "final_val_loss": p.last_eval.get("loss"), f"final_val_{metric}": p.last_eval.get(metric),
+            "best_val_loss": p.best_eval.get("loss"), f"best_val_{metric}": p.best_eval.get(metric),
+            "best_update": p.best_update if p.best_eval else None,
         }
         if self.task.success_threshold is not None:
             summary["solved"] = bool(p.solved_at)

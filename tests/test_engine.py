@@ -150,12 +150,17 @@ def test_an_unexpected_error_still_leaves_a_summary(make_config, tmp_path):
     ("run.device=tpu", "run.device must be auto, cpu or cuda"),
     ("run.dtype=float16", "run.dtype must be one of"),
     ("run.threads=0", "run.threads must be a positive integer or null"),
+    ("seed=99999999999999999999999", "seed must be an integer from"),
+    ("task.name=foo/../../x", "task.name names the run directory"),
+    ("model.input_size=3", "model.input_size=3 was given, but it is filled in from the task"),
+    ("solver=hf", "solver.preconditioner_exponent must be finite"),
     ("run.early_stop.metric=accuracy", "run.early_stop.metric='accuracy' is not reported"),
     ("solver.lr=-1", "Could not build the solver"),
 ])
 def test_bad_config_values_name_the_problem(make_config, tmp_path, override, fragment):
+    overrides = [override, "solver.preconditioner_exponent=nan"] if override == "solver=hf" else [override]
     with pytest.raises(HfrunError, match=fragment.replace("(", r"\(")):
-        Run(make_config(override), tmp_path)
+        Run(make_config(*overrides), tmp_path)
 
 
 def test_resume_without_checkpoint(make_config, tmp_path):
@@ -268,11 +273,19 @@ def test_a_success_at_the_final_evaluation_counts(make_config, tmp_path):
 
 
 def test_summary_is_strict_json_with_what_was_not_finite(make_config, tmp_path):
+    from hfrun.summary import write_summary
+    written = write_summary(tmp_path / "s.json", {"loss": math.nan, "best": math.inf, "low": -math.inf, "ok": 1.5})
+    on_disk = _strict_json(tmp_path / "s.json")
+    assert on_disk == written and on_disk["loss"] is None and on_disk["ok"] == 1.5
+    assert on_disk["non_finite"] == {"loss": "nan", "best": "inf", "low": "-inf"}
+
+
+def test_figures_never_computed_are_null_not_nan(make_config, tmp_path):
     summary = Run(make_config("solver=sgd", "solver.lr=1e6", "run.max_updates=100"), tmp_path).train()
     assert summary["status"] == "diverged"
     on_disk = _strict_json(tmp_path / "summary.json")
-    assert on_disk["updates"] < 10 and on_disk["final_val_loss"] is None  # diverged before any evaluation
-    assert on_disk["non_finite"]["final_val_loss"] == "nan"
+    assert on_disk["updates"] < 10  # diverged before any evaluation
+    assert on_disk["final_val_loss"] is None and on_disk["best_update"] is None and "non_finite" not in on_disk
 
 
 def test_full_disk_ends_with_a_message_naming_the_directory(make_config, tmp_path, monkeypatch):
@@ -294,6 +307,7 @@ def test_full_disk_ends_with_a_message_naming_the_directory(make_config, tmp_pat
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["update"] == 20
     summary = _strict_json(tmp_path / "summary.json")
     assert summary["status"] == "error" and "No space left" in summary["message"]
+    assert f"checkpoints/last.pt holds update 20: run.resume={tmp_path} continues" in summary["message"]
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -423,3 +437,21 @@ def test_run_threads_sets_torch_threads(make_config, tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("damage", ["stream_position", "negative_update", "text_update", "config_not_text"])
+def test_a_damaged_checkpoint_is_refused(make_config, tmp_path, damage):
+    Run(make_config(*FAST), tmp_path).train()
+    path = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    if damage == "stream_position":
+        state["stream"]["position"] = 10**9
+    elif damage == "negative_update":
+        state["progress"]["update"] = -5
+    elif damage == "text_update":
+        state["progress"]["update"] = "x"
+    else:
+        state["config"] = 5
+    torch.save(state, path)
+    with pytest.raises(HfrunError, match="damaged"):
+        Run(make_config(*FAST, f"run.resume={tmp_path}"), tmp_path)

@@ -23,6 +23,9 @@ class Autoencoder(nn.Module):
             raise ValueError(f"model.activation={activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}")
         output_size = input_size if output_size is None else output_size
         widths = [int(input_size), *map(int, encoder_sizes)]
+        if min(*widths, int(code_size), int(output_size)) < 1:
+            raise ValueError(f"every layer size must be a positive integer, got encoder {widths}, code "
+                             f"{code_size}, output {output_size}")
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]

@@ -107,6 +107,8 @@ class HessianFree:
                             ("weight_cost", weight_cost), ("cg_tol", cg_tol)):
             _check(value >= 0, f"solver.{name} must be >= 0, got {value}")
         _check(0 <= cg_decay <= 1, f"solver.cg_decay must be in [0, 1], got {cg_decay}")
+        _check(0 <= preconditioner_exponent < math.inf,
+               f"solver.preconditioner_exponent must be finite and >= 0, got {preconditioner_exponent}")
         self.model, self.loss = model, loss
         self.gradient_batch_size = int(gradient_batch_size)
         self.curvature_batch_size = int(curvature_batch_size or gradient_batch_size)

@@ -82,9 +82,13 @@ class DatasetStream:
                 "position": self.position, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        order, position = state["order"], int(state["position"])
+        if order.shape != (self.inputs.shape[0],) or not 0 <= position <= len(order):
+            raise ValueError(f"the data stream's state (order of {tuple(order.shape)}, position {position}) does "
+                             f"not fit a data set of {self.inputs.shape[0]} cases")
         self.generator.set_state(state["generator"].cpu())
-        self.order = state["order"].to(self.inputs.device)
-        self.position, self.epoch = int(state["position"]), int(state["epoch"])
+        self.order = order.to(self.inputs.device)
+        self.position, self.epoch = position, int(state["epoch"])
 
 
 class Task:
