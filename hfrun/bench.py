@@ -13,7 +13,8 @@ One process, one device, side by side. Per workload:
   cg_overhead   CG's vector work (the same iterations with a trivial product) as a fraction
                 of a product; target < 5%
 Times are medians of interleaved rounds after warm-up, with float32 denormals
-flushed to zero on the CPU (as in a run).
+flushed to zero on the CPU and glibc's malloc keeping freed memory (as in a run; --system-allocator
+leaves it as it is). The RNN rows are held against a plain-loop RNN under autograd, the last row.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from hfrun.allocator import keep_freed_memory
 from hfrun.curvature import CurvatureOperator
 from hfrun.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError
 from hfrun.models.autoencoder import Autoencoder
@@ -84,7 +86,33 @@ def workloads(device: torch.device, scale: float) -> list[Workload]:
     rnn_loop = RNN(2, 1, impl="loop").to(device)
     for jv_method in ("linearize", "jvp"):
         rows.append(Workload("tanh RNN-100 T100 B1000, loop", rnn_loop, SquaredError(), rnn_batch, jv_method))
+    rnn_analytic = RNN(2, 1, impl="analytic").to(device)
+    rnn_analytic.load_state_dict(rnn_loop.state_dict())
+    for jv_method in ("linearize", "jvp", "double_vjp"):
+        rows.append(Workload("tanh RNN-100 T100 B1000, analytic", rnn_analytic, SquaredError(), rnn_batch,
+                             jv_method))
+    # The reference the RNN rows are held against: the plain loop a user would write, under autograd.
+    rows.append(Workload("tanh RNN-100 T100 B1000, plain-loop reference", PlainLoopRNN(2, 100, 1).to(device),
+                         SquaredError(), rnn_batch, "jvp"))
     return rows
+
+
+class PlainLoopRNN(nn.Module):
+    """h_t = tanh(W_ih x_t + W_hh h_{t−1} + b), z_t = W_ho h_t + b_o, written the obvious way: the
+    yardstick for hfrun's RNN (its gradient is what one pays without hfrun)."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int):
+        super().__init__()
+        self.hidden_size = hidden
+        self.input_layer, self.recurrent = nn.Linear(inputs, hidden), nn.Linear(hidden, hidden, bias=False)
+        self.readout = nn.Linear(hidden, outputs)
+
+    def forward(self, x):
+        hidden, outputs = x.new_zeros(x.shape[0], self.hidden_size), []
+        for x_t in x.unbind(1):
+            hidden = torch.tanh(self.input_layer(x_t) + self.recurrent(hidden))
+            outputs.append(self.readout(hidden))
+        return torch.stack(outputs, dim=1)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -191,12 +219,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", help="instead of the table: time HF updates on this task (e.g. addition_T30) "
                                        "with jvp against linearize, from the same states")
     parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="leave glibc's malloc as it is (runs set run.keep_freed_memory=true), to measure that")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.task else  # the task comparison runs on the CPU
                           "cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
+        if not args.system_allocator:  # as a run does (hfrun/allocator.py)
+            keep_freed_memory()
     torch.manual_seed(0)
     if args.task:
         compare_jv_methods_on_task(args.task, args.updates)

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hfrun.allocator import keep_freed_memory
 from hfrun.checkpoint import OutputError, load_checkpoint, save_checkpoint
 from hfrun.config import check_option_types
 from hfrun.errors import HfrunError
@@ -108,8 +109,8 @@ def validate_run_config(cfg: DictConfig) -> None:
     _require(threads is None or (_is_int(threads) and threads >= 1),
              f"run.threads must be a positive integer or null (torch's default), got {threads!r}. "
              "Example: run.threads=1.")
-    for key in ("flush_denormal", "stop_when_solved"):
-        _require(isinstance(run[key], bool), f"run.{key} must be true or false, got {run[key]!r}.")
+    for key in ("flush_denormal", "stop_when_solved", "keep_freed_memory"):
+        _require(isinstance(run.get(key, True), bool), f"run.{key} must be true or false, got {run.get(key)!r}.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -298,6 +299,8 @@ class Run:
         self.dtype = DTYPES[cfg.run.dtype]
         if self.device.type == "cpu":
             torch.set_flush_denormal(cfg.run.flush_denormal)
+            if cfg.run.get("keep_freed_memory", True):
+                keep_freed_memory()
         if cfg.run.get("threads") is not None:
             torch.set_num_threads(int(cfg.run.threads))
         resume_state = self._load_resume_state()

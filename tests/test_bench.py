@@ -26,7 +26,7 @@ def test_bench_prints_a_row_per_workload(capsys):
     for column in COLUMNS:
         assert column in out
     for name in ("MLP 784-256-256-10, B5000 (linearize)", "autoencoder", "RNN-100 T100 B1000, loop (linearize)",
-                 "loop (jvp)", "nn.RNN"):
+                 "loop (jvp)", "nn.RNN", "analytic (linearize)", "analytic (double_vjp)", "plain-loop reference"):
         assert name in out
 
 

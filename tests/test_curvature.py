@@ -72,6 +72,15 @@ def mlp_problem(loss_name: str) -> tuple[nn.Module, Batch]:
     return model, Batch(inputs, targets_for(loss_name, (CASES + 1, OUTPUTS)))
 
 
+def analytic_rnn_problem(loss_name: str) -> tuple[nn.Module, Batch]:
+    """hfrun's RNN on the recurrence with hand-written derivatives, non-zero biases, the masked batch."""
+    model, batch = rnn_problem(loss_name, model_class=lambda: RNN(INPUTS, OUTPUTS, hidden_size=HIDDEN, impl="analytic"))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model, batch
+
+
 def rnn_problem(loss_name: str, model_class=TinyRNN) -> tuple[nn.Module, Batch]:
     """A sequence batch whose (B, T) mask scores some positions only."""
     model = model_class().double()
@@ -181,7 +190,8 @@ def test_param_spec_skips_frozen_parameters():
 
 @pytest.mark.parametrize("jv_method", JV_METHODS)
 @pytest.mark.parametrize("loss_name", LOSSES)
-@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem], ids=["mlp", "rnn_masked"])
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem, analytic_rnn_problem],
+                         ids=["mlp", "rnn_masked", "analytic_rnn_masked"])
 def test_ggn_product_matches_dense_ggn(problem, loss_name, jv_method):
     torch.manual_seed(0)
     model, batch = problem(loss_name)
@@ -202,7 +212,8 @@ def test_ggn_is_symmetric_and_positive_semidefinite(loss_name):
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
-@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem], ids=["mlp", "rnn_masked"])
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem, analytic_rnn_problem],
+                         ids=["mlp", "rnn_masked", "analytic_rnn_masked"])
 def test_hessian_product_matches_dense_hessian(problem, loss_name):
     torch.manual_seed(2)
     model, batch = problem(loss_name)
@@ -224,7 +235,8 @@ def test_damping_adds_lambda_times_v_and_can_change():
 
 @pytest.mark.parametrize("jv_method", JV_METHODS)
 @pytest.mark.parametrize("loss_name", LOSSES)
-@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem], ids=["mlp", "rnn_masked"])
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem, analytic_rnn_problem],
+                         ids=["mlp", "rnn_masked", "analytic_rnn_masked"])
 def test_gradient_and_loss_value_match_autograd(problem, loss_name, jv_method):
     torch.manual_seed(4)
     model, batch = problem(loss_name)
@@ -236,6 +248,19 @@ def test_gradient_and_loss_value_match_autograd(problem, loss_name, jv_method):
     operator.gradient().zero_()  # callers get a copy
     torch.testing.assert_close(operator.gradient(), expected)
     assert operator.loss_value == pytest.approx(value.detach().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("jv_method", JV_METHODS)
+def test_analytic_rnn_hessian_with_structural_damping_matches_dense(jv_method):
+    """Forward-over-reverse through the hand-written backward: H + λI + μλ·G_S against dense float64."""
+    torch.manual_seed(12)
+    model, batch = analytic_rnn_problem("softmax_ce")
+    loss, damping, mu = LOSSES["softmax_ce"], 0.5, 0.3
+    operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu, curvature="hessian",
+                                 jv_method=jv_method)
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    expected = dense_hessian(model, loss, batch) + damping * identity + mu * damping * dense_structural_ggn(model, batch)
+    assert_close_matrices(operator_matrix(operator), expected)
 
 
 @pytest.mark.parametrize("curvature_name, jv_method",
@@ -256,11 +281,13 @@ def test_structural_damping_matches_its_dense_definition(curvature_name, jv_meth
     assert_close_matrices(operator_matrix(operator), expected)
 
 
+@pytest.mark.parametrize("impl", ["loop", "analytic"])
 @pytest.mark.parametrize("jv_method", JV_METHODS)
-def test_hfrun_loop_rnn_damped_products_match_dense(jv_method):
-    """hfrun's own RNN (per-step loop), GGN + λI + μλ·G_S: the default linearize path must be the one used."""
+def test_hfrun_loop_rnn_damped_products_match_dense(jv_method, impl):
+    """hfrun's own RNN (per-step loop, or the recurrence with hand-written derivatives), GGN + λI + μλ·G_S:
+    the linearize path must be the one used where it is asked for."""
     torch.manual_seed(11)
-    model, batch = rnn_problem("mse", model_class=lambda: RNN(INPUTS, OUTPUTS, hidden_size=HIDDEN, impl="loop"))
+    model, batch = rnn_problem("mse", model_class=lambda: RNN(INPUTS, OUTPUTS, hidden_size=HIDDEN, impl=impl))
     loss, damping, mu = LOSSES["mse"], 0.5, 0.3
     operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu, jv_method=jv_method)
     identity = torch.eye(operator.num_params, dtype=torch.float64)
@@ -367,7 +394,8 @@ def per_case_squares_by_loop(model: nn.Module, loss, batch: Batch) -> Tensor:
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
-@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem], ids=["mlp_vmap", "rnn_loop_fallback"])
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem, analytic_rnn_problem],
+                         ids=["mlp_vmap", "rnn_loop_fallback", "analytic_rnn_vmap"])
 def test_per_case_gradient_squares_match_a_loop_over_cases(problem, loss_name):
     torch.manual_seed(7)
     model, batch = problem(loss_name)

@@ -373,24 +373,28 @@ def test_spectral_init_has_the_requested_radius():
     assert abs(float(model.rnn.weight_ih_l0.detach().std()) - 0.001) < 0.0003
 
 
-def twin_models(**kwargs) -> tuple[RNN, RNN]:
+def twin_models(**kwargs) -> tuple[RNN, RNN, RNN]:
     fused = RNN(3, 2, hidden_size=16, impl="fused", **kwargs).double()
     loop = RNN(3, 2, hidden_size=16, impl="loop", **kwargs).double()
+    analytic = RNN(3, 2, hidden_size=16, impl="analytic", **kwargs).double()
     with torch.no_grad():
         for parameter in fused.parameters():  # non-zero biases so that every term is exercised
             parameter.add_(0.3 * torch.randn_like(parameter))
     loop.load_state_dict(fused.state_dict())
-    return fused, loop
+    analytic.load_state_dict(fused.state_dict())
+    return fused, loop, analytic
 
 
 def test_fused_and_loop_agree_and_preactivations_give_the_hidden_states():
     torch.manual_seed(2)
-    fused, loop = twin_models()
+    fused, loop, analytic = twin_models()
     x = torch.randn(5, 13, 3, dtype=torch.float64)
     z_fused, a_fused = fused.forward_with_preactivations(x)
-    z_loop, a_loop = loop.forward_with_preactivations(x)
-    torch.testing.assert_close(z_fused, z_loop)
-    torch.testing.assert_close(a_fused, a_loop)
+    for other in (loop, analytic):
+        z_other, a_other = other.forward_with_preactivations(x)
+        torch.testing.assert_close(z_fused, z_other)
+        torch.testing.assert_close(a_fused, a_other)
+        torch.testing.assert_close(other(x), z_fused)
     hidden = fused.hidden_states(x)
     torch.testing.assert_close(torch.tanh(a_fused), hidden)
     rnn = fused.rnn  # h_0 = 0: the first pre-activation sees only the input
@@ -400,7 +404,7 @@ def test_fused_and_loop_agree_and_preactivations_give_the_hidden_states():
 
 def test_functional_call_and_jvp_use_the_given_parameters_in_both_implementations():
     torch.manual_seed(3)
-    fused, loop = twin_models()
+    fused, loop, analytic = twin_models()
     x = torch.randn(4, 11, 3, dtype=torch.float64)
     params = {name: p.detach() + 0.1 for name, p in fused.named_parameters()}
     tangents = {name: torch.randn_like(p) for name, p in params.items()}
@@ -409,7 +413,7 @@ def test_functional_call_and_jvp_use_the_given_parameters_in_both_implementation
     epsilon = 1e-6
     plus = {name: params[name] + epsilon * tangents[name] for name in params}
     minus = {name: params[name] - epsilon * tangents[name] for name in params}
-    for model in (fused, loop):
+    for model in (fused, loop, analytic):
         outputs, directional = jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangents,))
         torch.testing.assert_close(outputs, shifted(x))
         central = (functional_call(model, plus, (x,)) - functional_call(model, minus, (x,))) / (2 * epsilon)
