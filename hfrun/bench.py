@@ -176,39 +176,52 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
     return row
 
 
-def compare_jv_methods_on_task(task: str, updates: int, methods: tuple[str, ...] = ("jvp", "linearize")) -> None:
-    """HF updates on a configured task (its own solver hints), each Jv method from the same model,
-    solver and data-stream state in turn, so all see the same batches; prints per-update times."""
+def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
+                    values: tuple[str, ...] = ("jvp", "linearize")) -> dict[str, dict[str, float]]:
+    """HF updates on a configured task (its own solver hints) under each value of one config key (e.g.
+    solver.jv_method or model.impl), each from the same model, solver and data-stream state in turn, so all
+    see the same batches; prints per-update times, totals and ms per 1000-sequence minibatch."""
     from hydra import compose, initialize_config_dir
 
     from hfrun.config import CONFIG_DIR
     from hfrun.engine import build_model, build_solver, build_task
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=["solver=hf", f"task={task}", "seed=0"])
     device = torch.device("cpu")
-    task_object = build_task(cfg, device, torch.float32)
-    model = build_model(cfg, task_object, device, torch.float32)
-    solver = build_solver(cfg, model, task_object)
-    stream = task_object.train_stream()
-    totals = {method: {"update_s": 0.0, "cg_s": 0.0} for method in methods}
+    runs = {}
+    for value in values:
+        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+            cfg = compose("config", overrides=["solver=hf", f"task={task}", "seed=0", f"{key}={value}"])
+        torch.manual_seed(0)
+        task_object = build_task(cfg, device, torch.float32)
+        model = build_model(cfg, task_object, device, torch.float32)
+        runs[value] = (model, build_solver(cfg, model, task_object), task_object.train_stream())
+    first = runs[values[0]]
+    for model, _, _ in runs.values():  # the same weights whatever the key changes
+        model.load_state_dict(first[0].state_dict())
+    totals = {value: {"update_s": 0.0, "cg_s": 0.0, "examples": 0} for value in values}
     for update in range(updates):
-        start_state = copy.deepcopy((model.state_dict(), solver.state_dict(), stream.state_dict()))
-        order = methods if update % 2 == 0 else methods[::-1]
-        for method in order:
+        start_state = copy.deepcopy((first[0].state_dict(), first[1].state_dict(), first[2].state_dict()))
+        for value in (values if update % 2 == 0 else values[::-1]):
+            model, solver, stream = runs[value]
             model.load_state_dict(start_state[0])
             solver.load_state_dict(copy.deepcopy(start_state[1]))
             stream.load_state_dict(copy.deepcopy(start_state[2]))
-            solver.jv_method = method
             start = time.perf_counter()
             stats = solver.step(stream)
-            totals[method]["update_s"] += time.perf_counter() - start
-            totals[method]["cg_s"] += stats["time_cg_s"]
+            totals[value]["update_s"] += time.perf_counter() - start
+            totals[value]["cg_s"] += stats["time_cg_s"]
+            totals[value]["examples"] += stats["examples_grad"] + stats["examples_curv"]
+        for value in values[1:]:  # every run continues from the first value's state, so all see one path
+            runs[value][0].load_state_dict(first[0].state_dict())
         print(f"update {update}: {stats['cg_iters']} CG iterations")
-    base = totals[methods[0]]
-    for method in methods:
-        print(f"{method:>10}: updates {totals[method]['update_s']:.1f} s ({totals[method]['update_s'] / base['update_s']:.2f}x), "
-              f"CG {totals[method]['cg_s']:.1f} s ({totals[method]['cg_s'] / base['cg_s']:.2f}x)")
+    base = totals[values[0]]
+    for value in values:
+        total = totals[value]
+        per_minibatch = 1000 * total["update_s"] / (total["examples"] / 1000)
+        print(f"{key}={value:>10}: updates {total['update_s']:.1f} s ({total['update_s'] / base['update_s']:.2f}x), "
+              f"CG {total['cg_s']:.1f} s ({total['cg_s'] / base['cg_s']:.2f}x), "
+              f"{per_minibatch:.0f} ms per 1000-sequence minibatch")
+    return totals
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every batch size (smoke tests)")
     parser.add_argument("--task", help="instead of the table: time HF updates on this task (e.g. addition_T30) "
-                                       "with jvp against linearize, from the same states")
+                                       "under each value of --compare, from the same states")
+    parser.add_argument("--compare", default="solver.jv_method=jvp,linearize", metavar="KEY=V1,V2",
+                        help="with --task: the config key and values to compare (e.g. model.impl=loop,analytic)")
     parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave glibc's malloc as it is (runs set run.keep_freed_memory=true), to measure that")
@@ -231,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             keep_freed_memory()
     torch.manual_seed(0)
     if args.task:
-        compare_jv_methods_on_task(args.task, args.updates)
+        key, _, values = args.compare.partition("=")
+        compare_on_task(args.task, args.updates, key, tuple(values.split(",")))
         return
     columns = ["grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead", "setup_ms",
                "hf_cg_iters"]

@@ -34,3 +34,10 @@ def test_compare_jv_methods_on_a_configured_task(capsys):
     bench.main(["--task", "linreg", "--updates", "2"])
     out = capsys.readouterr().out
     assert "jvp: updates" in out and "linearize: updates" in out and "update 1:" in out
+    assert "ms per 1000-sequence minibatch" in out
+
+
+def test_compare_another_key_on_a_pathological_task(capsys):
+    totals = bench.compare_on_task("temporal_order_T30", 1, "model.impl", ("loop", "analytic"))
+    assert set(totals) == {"loop", "analytic"} and all(t["examples"] > 0 for t in totals.values())
+    assert "model.impl=" in capsys.readouterr().out
