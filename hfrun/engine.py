@@ -430,13 +430,9 @@ class Run:
                 final, status = self._final_progress(status, logger)
         except KeyboardInterrupt:
             status = "interrupted"
-            last = self.checkpoint_dir / "last.pt"
-            saved = (f"checkpoints/last.pt holds update {load_checkpoint(last)['progress']['update']}, from which "
-                     "run.resume continues" if last.is_file() else
-                     "no checkpoints/last.pt had been written yet, so the run cannot be resumed: start it again")
             figures = (f"the final figures are those of the evaluation at update {p.eval_update}, not of the "
                        "model the run stopped at" if p.last_eval else "no evaluation had been made")
-            message = f"Aborted by a second Ctrl-C during update {p.update + 1}: {saved}; {figures}."
+            message = f"Aborted by a second Ctrl-C during update {p.update + 1}; {figures}. {self._resume_advice()}"
         except OutputError as error:
             status, message = "error", str(error) + " " + self._resume_advice()
         except Exception as error:

@@ -455,3 +455,22 @@ def test_a_damaged_checkpoint_is_refused(make_config, tmp_path, damage):
     torch.save(state, path)
     with pytest.raises(HfrunError, match="damaged"):
         Run(make_config(*FAST, f"run.resume={tmp_path}"), tmp_path)
+
+
+def test_a_second_ctrl_c_says_what_was_saved(make_config, tmp_path):
+    run = Run(make_config(*FAST), tmp_path)
+    step = run.solver.step
+
+    def step_and_interrupt_twice(stream):
+        stats = step(stream)
+        if run.progress.update + 1 == 33:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the second aborts at once
+        return stats
+
+    run.solver.step = step_and_interrupt_twice
+    summary = run.train()
+    assert summary["status"] == "interrupted" and summary["updates"] == 32
+    assert "Aborted by a second Ctrl-C during update 33" in summary["message"]
+    assert f"checkpoints/last.pt holds update 20: run.resume={tmp_path} continues" in summary["message"]
+    assert "evaluation at update 30" in summary["message"] and summary["final_eval_update"] == 30
