@@ -224,6 +224,57 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
     return totals
 
 
+MEMORY_PROBE = """
+import resource, sys, torch
+from hfrun.allocator import keep_freed_memory
+from hfrun.curvature import CurvatureOperator
+from hfrun.losses import SquaredError
+from hfrun.models.rnn import RNN
+from hfrun.tasks.base import Batch
+keep_freed_memory(); torch.set_flush_denormal(True); torch.manual_seed(0)
+steps, what, jv_method, mu = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+inputs = torch.randn(1000, steps, 2)
+mask = torch.zeros(1000, steps)
+mask[:, -1] = 1
+batch, model, loss = Batch(inputs, torch.randn(1000, steps, 1), mask), RNN(2, 1), SquaredError()
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if what == "gradient":
+    before = peak()
+    z, a = model.forward_with_preactivations(inputs) if mu else (model(inputs), None)
+    torch.autograd.grad(loss(z, batch.targets, mask), list(model.parameters()))
+else:
+    before = peak()
+    operator = CurvatureOperator(model, loss, batch, damping=1.0, structural_damping=mu, jv_method=jv_method)
+    if what == "product":
+        before = peak()
+        operator.mv(torch.randn(operator.num_params))
+print(peak() - before)
+"""
+
+
+def peak_memory_mib(steps: int, what: str, jv_method: str = "linearize", structural_damping: float = 0.0) -> float:
+    """Growth of the peak resident memory (MiB) of a fresh process over one gradient, one curvature
+    operator's set-up, or one product after set-up, for the tanh RNN-100 on 1000 sequences of `steps`
+    steps (ru_maxrss: the process keeps freed memory, so its peak is what the work needed at once)."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(steps), what, jv_method,
+                             str(structural_damping)], capture_output=True, text=True, check=True)
+    return float(result.stdout.split()[-1])
+
+
+def memory_table(steps_list: tuple[int, ...] = (100, 200)) -> None:
+    table = Table(title="peak memory growth (MiB), tanh RNN-100, 1000 sequences, model.impl=analytic")
+    for column in ("T", "gradient", "set-up (linearize)", "product (linearize)", "set-up (jvp)", "product (jvp)"):
+        table.add_column(column, justify="right")
+    for steps in steps_list:
+        table.add_row(str(steps), *(f"{peak_memory_mib(steps, what, method, 0.03):.0f}" for what, method in (
+            ("gradient", "jvp"), ("setup", "linearize"), ("product", "linearize"), ("setup", "jvp"),
+            ("product", "jvp"))))
+    Console(width=160).print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -234,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", default="solver.jv_method=jvp,linearize", metavar="KEY=V1,V2",
                         help="with --task: the config key and values to compare (e.g. model.impl=loop,analytic)")
     parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of the table: peak memory of a gradient, a set-up and a product, T = 100, 200")
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave glibc's malloc as it is (runs set run.keep_freed_memory=true), to measure that")
     args = parser.parse_args(argv)
@@ -245,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.system_allocator:  # as a run does (hfrun/allocator.py)
             keep_freed_memory()
     torch.manual_seed(0)
+    if args.memory:
+        memory_table()
+        return
     if args.task:
         key, _, values = args.compare.partition("=")
         compare_on_task(args.task, args.updates, key, tuple(values.split(",")))

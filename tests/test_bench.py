@@ -41,3 +41,8 @@ def test_compare_another_key_on_a_pathological_task(capsys):
     totals = bench.compare_on_task("temporal_order_T30", 1, "model.impl", ("loop", "analytic"))
     assert set(totals) == {"loop", "analytic"} and all(t["examples"] > 0 for t in totals.values())
     assert "model.impl=" in capsys.readouterr().out
+
+
+def test_memory_probe_reports_a_peak_for_each_kind_of_work():
+    for what in ("gradient", "setup", "product"):
+        assert bench.peak_memory_mib(5, what, "jvp", 0.03) >= 0
