@@ -4,9 +4,16 @@ glibc's malloc serves large blocks (above a threshold that starts at 128 KiB) wi
 with munmap, and trims the heap's top as soon as it is free. A training step allocates and frees the same
 few-megabyte tensors many times over (an RNN's per-step activations, CG's vectors), so every one of them
 comes back as fresh pages that the kernel must fault in and zero: on the 2-core machine this made one
-GGN product of the T = 100 tanh RNN 1.7–2× slower (`make bench`, rows with and without it). With mmap
-off and trimming postponed, freed blocks are reused from the heap, as PyTorch's CUDA caching allocator
-does on the GPU. The cost: the process keeps its peak memory until it exits.
+GGN product of the T = 100 tanh RNN about 1.6× slower (README, "Speed"). With mmap off and trimming
+postponed, freed blocks are reused from the heap, as PyTorch's CUDA caching allocator does on the GPU.
+
+The cost: with every block in one heap, a small allocation that outlives a large temporary can leave
+the temporary's hole too small for the next one, so the heap grows past the peak of live memory when
+sizes change (seen in review: a 1 GiB temporary per step with a small tensor kept each time grew the
+resident size to 3 GiB). `release_free_memory()`, which the engine calls after every update, hands the
+pages of free blocks back to the OS (malloc_trim): memory is then reused within an update, where the
+shapes repeat (CG's products), and returned between updates. The setting is process-wide and stays on
+once made: in a sweep run in one process (Hydra's basic launcher), later jobs keep it.
 
 Written by hand because the library route (jemalloc or tcmalloc through LD_PRELOAD, set before the
 process starts) needs a system package and a wrapper around every command; mallopt is part of glibc.
@@ -38,6 +45,17 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         log.debug("no glibc mallopt here; the allocator is left as it is")
         return False
-    _done = all(mallopt(option, value) == 1 for option, value in
-                ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_FREE_BYTES), (M_TOP_PAD, TOP_PAD_BYTES)))
+    results = [mallopt(option, value) for option, value in
+               ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_FREE_BYTES), (M_TOP_PAD, TOP_PAD_BYTES))]
+    _done = all(result == 1 for result in results)
     return _done
+
+
+def release_free_memory() -> None:
+    """Return the pages of free heap blocks to the OS (glibc malloc_trim), when keep_freed_memory is on."""
+    if not _done:
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass

@@ -21,7 +21,7 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hfrun.allocator import keep_freed_memory
+from hfrun.allocator import keep_freed_memory, release_free_memory
 from hfrun.checkpoint import OutputError, load_checkpoint, save_checkpoint
 from hfrun.config import check_option_types
 from hfrun.errors import HfrunError
@@ -468,6 +468,7 @@ class Run:
                                 "run diverged. No checkpoint was written for it; last.pt and best.pt, where "
                                 "written, hold the last finite state. Lower the learning rate or raise the "
                                 "damping and start again.")
+        release_free_memory()  # what this update kept for reuse goes back to the OS between updates
         p.update += 1
         p.examples_grad += int(stats["examples_grad"])
         p.examples_curv += int(stats["examples_curv"])

@@ -482,3 +482,18 @@ def test_hf_defaults_for_every_pathological_task(stem):
         assert {key: solver[key] for key in PATHOLOGICAL_HF_DEFAULTS} == PATHOLOGICAL_HF_DEFAULTS
     overridden = compose(CONFIGS, [f"task={stem}_T30", "solver=hf", "solver.cg_max_iters=50"]).solver
     assert overridden.cg_max_iters == 50, "the command line wins over the task's hints"
+
+
+def test_analytic_recurrence_with_a_frozen_weight_and_batched_gradients():
+    """The hand-written backward against autograd through the loop, with W_hh frozen, and under
+    is_grads_batched (vmap over cotangents), which needs batching rules for every op it uses."""
+    torch.manual_seed(4)
+    _, loop, analytic = twin_models()
+    for model in (loop, analytic):
+        model.rnn.weight_hh_l0.requires_grad_(False)
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    cotangents = torch.randn(4, 3, 6, 2, dtype=torch.float64)
+    grads = [torch.autograd.grad(model(x), [p for p in model.parameters() if p.requires_grad], cotangents,
+                                 is_grads_batched=True) for model in (loop, analytic)]
+    for expected, actual in zip(*grads):
+        torch.testing.assert_close(actual, expected)

@@ -13,7 +13,10 @@ to the tangents. Here the primal loop runs once, without a graph, and keeps h; t
   - jvp:       ȧ_t = ḋ_t + Ẇ h_{t−1} + W ḣ_{t−1},  ḣ_t = (1 − h_t²) ⊙ ȧ_t, with every Ẇ h_{t−1} in
                one matmul up front, so each step is one (B, H) × (H, H) matmul, as in the primal.
 Both rules are written in differentiable torch ops, so torch.func can take vjps of the vjp (double_vjp),
-jvps of the vjp (Hessian products) and vmap over cases (per-case gradients).
+jvps of the vjp (Hessian products) and vmap over cases (per-case gradients). One composition is wrong:
+a jvp of a jvp (forward over forward, e.g. jacfwd(jacfwd(f))) loses the second-order terms through the
+recurrence, because torch does not differentiate a custom jvp rule forward again (a torch limitation,
+seen with a one-op Function too). hfrun never takes one; use model.impl=loop for that.
 """
 from __future__ import annotations
 
@@ -65,7 +68,10 @@ class TanhRecurrence(torch.autograd.Function):
             deltas.append(delta)
             carry = delta @ weight
         delta = torch.stack(deltas[::-1])
-        weight_gradient = delta.flatten(0, 1).t() @ _previous(hidden).flatten(0, 1)
+        if not ctx.needs_input_grad[1]:  # a frozen W: skip its (H, B·L) × (B·L, H) product
+            return delta, None
+        size = hidden.shape[-1]  # reshape, not flatten: flatten has no batching rule for batched grads
+        weight_gradient = delta.reshape(-1, size).t() @ _previous(hidden).reshape(-1, size)
         return delta, weight_gradient
 
     @staticmethod
