@@ -6,7 +6,6 @@ could not write its files. A sweep (-m) runs every job and then exits 1 if any j
 """
 from __future__ import annotations
 
-import logging
 import math
 import signal
 import sys
@@ -61,7 +60,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
     except Exception as error:  # a bug or a case no check foresaw: say so, and still leave nothing behind
         if sweep:
-            logging.getLogger("hfrun").exception("The job could not start")
+            record.exception("The job could not start")  # the traceback goes to run.log only
             return _sweep_job_failed(cfg, run_dir, f"{type(error).__name__}: {error}")
         undo_start()
         raise
@@ -75,7 +74,7 @@ def main(cfg: DictConfig) -> float:
     except Exception as error:
         if not sweep:
             raise
-        logging.getLogger("hfrun").exception("The job failed")  # the traceback goes to run.log
+        record.exception("The job failed")  # the traceback goes to run.log only
         print_error(f"{type(error).__name__}: {error} (traceback in {run_dir / 'run.log'})")
         return math.inf
     if not sweep and threading.current_thread() is threading.main_thread():
