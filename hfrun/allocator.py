@@ -32,19 +32,22 @@ KEEP_FREE_BYTES = 2**31 - 1  # trim the heap only when this much is free at its 
 TOP_PAD_BYTES = 64 * 2**20  # grow the heap in steps of this much more than asked
 
 _done = False
+_libc = None  # loaded once: find_library runs `ldconfig -p` in a subprocess, too slow for every update
 
 
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to reuse freed blocks rather than unmap them; True when it took effect."""
-    global _done
+    global _done, _libc
     if _done:
         return True
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         mallopt = libc.mallopt
+        libc.malloc_trim  # release_free_memory needs it too: check both here
     except (OSError, AttributeError, TypeError):
         log.debug("no glibc mallopt here; the allocator is left as it is")
         return False
+    _libc = libc
     results = [mallopt(option, value) for option, value in
                ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_FREE_BYTES), (M_TOP_PAD, TOP_PAD_BYTES))]
     _done = all(result == 1 for result in results)
@@ -53,9 +56,5 @@ def keep_freed_memory() -> bool:
 
 def release_free_memory() -> None:
     """Return the pages of free heap blocks to the OS (glibc malloc_trim), when keep_freed_memory is on."""
-    if not _done:
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+    if _done:
+        _libc.malloc_trim(0)

@@ -15,13 +15,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hfrun.config import CONFIG_DIR, register_resolvers
 from hfrun.engine import Run
 from hfrun.errors import HfrunError
 from hfrun.logging import console, print_error, print_summary, record
-from hfrun.rundir import undo_start
+from hfrun.rundir import selected, undo_start
 from hfrun.summary import write_summary
 
 register_resolvers()
@@ -29,16 +29,10 @@ register_resolvers()
 
 def _sweep_job_failed(cfg: DictConfig, run_dir: Path, message: str) -> float:
     """In a sweep, a job that cannot run leaves its reason in its own summary.json; the sweep goes on."""
-    def value(key: str):
-        try:
-            return OmegaConf.select(cfg, key)
-        except Exception:
-            return None
-
     try:
-        write_summary(run_dir / "summary.json", {"task": value("task.name"), "solver": value("solver.name"),
-                                                 "seed": value("seed"), "status": "error", "message": message,
-                                                 "run_dir": str(run_dir)})
+        write_summary(run_dir / "summary.json", {"task": selected(cfg, "task.name"),
+                                                 "solver": selected(cfg, "solver.name"), "seed": selected(cfg, "seed"),
+                                                 "status": "error", "message": message, "run_dir": str(run_dir)})
     except HfrunError as error:
         print_error(str(error))
     return math.inf

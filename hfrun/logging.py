@@ -42,7 +42,7 @@ class RunLogger:
                  start_seconds: float = 0.0):
         self.metric_name, self.max_updates, self.max_seconds = metric_name, max_updates, max_seconds
         self.start_update, self.start_seconds, self.started = start_update, start_seconds, time.monotonic()
-        self.loss, self.metric = "-", "-"
+        self.loss, self.metric, self.wall_time = "-", "-", start_seconds
         self.writer = None
         if tensorboard:
             # purge_step drops events a stopped run wrote after its last checkpoint.
@@ -103,7 +103,7 @@ class RunLogger:
                 self.writer.add_scalar(f"val/{key}", value, update)
         self.metric = f"{metrics.get(self.metric_name, math.nan):.4g}"
         record.info("update %d: loss %s, val %s %s, %s elapsed", update, self.loss, self.metric_name, self.metric,
-                    _clock(getattr(self, "wall_time", self.start_seconds)))
+                    _clock(self.wall_time))
         if self.progress:
             self.progress.update(self.progress_task, metric=self.metric)
 

@@ -126,7 +126,8 @@ def _claim_new(run_dir: Path) -> Path:
     return run_dir
 
 
-def _selected(config: DictConfig, key: str):
+def selected(config: DictConfig, key: str):
+    """config's value at `key`, or None where it cannot be resolved."""
     try:
         return OmegaConf.select(config, key)
     except Exception:  # an interpolation that fails here fails in Hydra too, with its own message
@@ -136,13 +137,13 @@ def _selected(config: DictConfig, key: str):
 class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         global _start
-        resume = _selected(config, "run.resume")
+        resume = selected(config, "run.resume")
         if isinstance(resume, str) and resume:
             try:
                 require_checkpoint(Path(resume) / "checkpoints" / "last.pt")
             except HfrunError as error:
                 _refuse(str(error))
-        directory, subdir = _selected(config, "hydra.run.dir"), _selected(config, "hydra.output_subdir")
+        directory, subdir = selected(config, "hydra.run.dir"), selected(config, "hydra.output_subdir")
         if directory is None:
             return
         run_dir = Path(os.path.abspath(str(directory)))
@@ -165,12 +166,12 @@ class RunGuard(Callback):
         _start = record
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        directory = _selected(config, "hydra.sweep.dir")
+        directory = selected(config, "hydra.sweep.dir")
         if directory is not None:  # Hydra names its job folders itself; only the folder's place is checked here
             _make_writable_dir(Path(os.path.abspath(str(directory))))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        directory = _selected(config, "hydra.sweep.dir")
+        directory = selected(config, "hydra.sweep.dir")
         if directory is None:
             return
         jobs = sorted((path.parent.parent for path in Path(str(directory)).rglob(".hydra/overrides.yaml")),
