@@ -148,12 +148,21 @@ def build_task(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
 
 
 def build_model(cfg: DictConfig, task, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    sizes = task.model_sizes()
+    """Fill the model config's `???` keys from what the task offers (task.model_sizes()), only those the
+    model has: an MLP takes input_size, a CNN input_shape, both output_size."""
+    offered = task.model_sizes()
+    sizes = {key: value for key, value in offered.items() if key in cfg.model.keys()}
     for key, size in sizes.items():
         given = OmegaConf.select(cfg.model, key, default=None) if not OmegaConf.is_missing(cfg.model, key) else None
-        _require(given is None or given == size,
+        _require(given is None or given == size or (isinstance(size, list) and list(given) == size),
                  f"model.{key}={given!r} was given, but it is filled in from the task ({task.name}: {size}). "
                  f"Drop the model.{key} override.")
+    unfilled = [key for key in cfg.model if key not in sizes and OmegaConf.is_missing(cfg.model, key)]
+    if unfilled:
+        raise HfrunError(
+             f"The model {cfg.model._target_} needs {', '.join(f'model.{key}' for key in unfilled)}, which the task "
+             f"{task.name} does not supply (it offers {', '.join(sorted(offered))}). Drop the model=... override "
+             f"to use the task's default model, or give the value: model.{unfilled[0]}=...")
     model_cfg = OmegaConf.merge(cfg.model, sizes)
     return _instantiate("model", model_cfg).to(device=device, dtype=dtype)
 
@@ -521,11 +530,16 @@ class Run:
             "best_val_loss": p.best_eval.get("loss"), f"best_val_{metric}": p.best_eval.get(metric),
             "best_update": p.best_update if p.best_eval else None,
         }
+        for key in [key for key in p.last_eval if key not in ("loss", metric)]:  # e.g. a classifier's accuracy
+            summary[f"final_val_{key}"], summary[f"best_val_{key}"] = p.last_eval[key], p.best_eval.get(key)
+        train_cases = getattr(self.task, "train_cases", None)
+        if train_cases:  # a fixed data set: how many passes over it the gradients made
+            summary["epochs"] = p.examples_grad / train_cases
         if self.task.success_threshold is not None:
             summary["solved"] = bool(p.solved_at)
             summary.update({f"solved_{key}": value for key, value in p.solved_at.items()})
         if status not in ("diverged", "error"):
-            summary.update(self.task.optimum_report(self.model))
+            summary.update(self.task.final_report(self.model))
         if message:
             summary["message"] = message
         summary["run_dir"] = str(self.run_dir)

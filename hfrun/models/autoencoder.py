@@ -5,7 +5,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from hfrun.models.mlp import ACTIVATIONS
+from hfrun.models.init import initialise
+from hfrun.models.mlp import ACTIVATIONS, check_activation
 
 
 class Autoencoder(nn.Module):
@@ -13,14 +14,15 @@ class Autoencoder(nn.Module):
 
     MNIST in Martens 2010: 784-1000-500-250-30-250-500-1000-784, logistic units,
     a linear 30-unit code layer; the output is logistic through the task's
-    sigmoid cross-entropy loss.
+    sigmoid cross-entropy loss. `init: sparse` is Martens' release: 15 incoming
+    weights per unit, N(0, 1) unscaled, biases 0 (hfrun/models/init.py).
     """
 
     def __init__(self, input_size: int, output_size: int | None = None, encoder_sizes: Sequence[int] = (1000, 500, 250),
-                 code_size: int = 30, activation: str = "sigmoid"):
+                 code_size: int = 30, activation: str = "sigmoid", init: str = "default", init_std: float = 1.0,
+                 sparse_fan_in: int = 15, sparse_coeff: float = 1.0):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation={activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}")
+        check_activation(activation)
         output_size = input_size if output_size is None else output_size
         widths = [int(input_size), *map(int, encoder_sizes)]
         if min(*widths, int(code_size), int(output_size)) < 1:
@@ -35,6 +37,7 @@ class Autoencoder(nn.Module):
             layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
         layers.append(nn.Linear(decoder[-1], int(output_size)))
         self.layers = nn.Sequential(*layers)
+        initialise(self, init, init_std, sparse_fan_in, sparse_coeff)
 
     def forward(self, x):
         return self.layers(x.flatten(1))

@@ -127,10 +127,16 @@ class Task:
         metrics = {"loss": loss_sum / cases}
         if self.metric_name != "loss":
             metrics[self.metric_name] = metric_sum / cases
+        metrics.update(self.derived_metrics(metrics))
         return metrics
 
-    def optimum_report(self, model: nn.Module) -> dict[str, float]:
-        """For a task with a known optimum: how far `model` is from it (see LinearRegression). {} otherwise."""
+    def final_report(self, model: nn.Module) -> dict[str, float]:
+        """Figures computed once, for the summary, from the model the run ends with: how far it is from a
+        known optimum (LinearRegression), or a metric over the training set (DatasetTask). {} otherwise."""
+        return {}
+
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics that follow from the others (a classifier's accuracy = 1 − error). {} by default."""
         return {}
 
     def is_solved(self, metrics: dict[str, float]) -> bool:

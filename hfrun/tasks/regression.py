@@ -1,13 +1,16 @@
-"""Regression tasks with a known answer."""
+"""Regression tasks: linear regression with a known answer (linreg), Boston housing and sine regression (SGN 2020)."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from hfrun import datasets
 from hfrun.losses import SquaredError
 from hfrun.tasks.base import Batch, DatasetStream, Task, make_generator
+from hfrun.tasks.dataset import DatasetTask
 
 EVAL_SEED_OFFSET = 104_729  # a fresh held-out set's generator seed is eval_seed + this
 
@@ -18,7 +21,7 @@ class LinearRegression(Task):
     The known optimum of the training loss ½‖Xw + b − y‖²/n is the least-squares
     solution, returned in float64 by `optimum()`; the held-out loss of the true
     parameters is about σ²/2. The metric is the mean squared error per case.
-    `optimum_report` gives a run's distance to that optimum.
+    `final_report` gives a run's distance to that optimum.
 
     `seed` fixes the problem (w*, b*, the training set) and, unless `eval_seed`
     is given, the held-out set; `eval_seed` draws a fresh held-out set from the
@@ -69,7 +72,7 @@ class LinearRegression(Task):
         return solution[:-1].T, solution[-1]
 
     @torch.no_grad()
-    def optimum_report(self, model) -> dict[str, float]:
+    def final_report(self, model) -> dict[str, float]:
         """The least-squares optimum's training loss and held-out mse, and how far `model` is above them
         (losses over the whole training set, in float64)."""
         weight, bias = self.optimum()
@@ -81,3 +84,73 @@ class LinearRegression(Task):
         return {key: float(f"{value:.10g}") for key, value in (
             ("optimum_train_loss", optimum_train_loss), ("excess_train_loss", train_loss - optimum_train_loss),
             ("optimum_val_mse", optimum_val_mse))}
+
+
+BOSTON_SCALINGS = ("global_max", "standardize")
+
+
+class Boston(DatasetTask):
+    """Boston housing: 13 features → the median home value (MEDV), squared error; the metric is the MSE.
+
+    The data: Keras' `boston_housing.npz` split 404/102 exactly as Keras does (seed 113), or the
+    classic 506-row CSV given as `csv=` with the same split applied to its rows.
+    `scaling`:
+      - global_max (the SGN release): the features divided by their single largest value and the
+        targets by theirs, the training and the test split each by its own maxima, so the MSE is
+        in those scaled units (the SGN paper's 0.0104–0.0116);
+      - standardize: each feature to mean 0, std 1 by the training split's statistics; targets unscaled
+        (MSE in $1000²).
+    """
+
+    metric_name = "mse"
+    output_size = 1
+
+    def __init__(self, *, scaling: str = "global_max", csv: str | None = None, **options):
+        super().__init__(**options)
+        if scaling not in BOSTON_SCALINGS:
+            raise ValueError(f"task.scaling={scaling!r} is unknown; choose one of {list(BOSTON_SCALINGS)}")
+        self.loss = SquaredError()
+        if csv is None:
+            data = self.load("boston")
+            x_train, y_train, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+        else:
+            x_train, y_train, x_test, y_test = datasets.keras_split(*datasets.read_boston_csv(csv))
+        x_train, y_train, x_test, y_test = (t.to(torch.float64) for t in (x_train, y_train, x_test, y_test))
+        if scaling == "global_max":
+            x_train, y_train = x_train / x_train.max(), y_train / y_train.max()
+            x_test, y_test = x_test / x_test.max(), y_test / y_test.max()
+        else:
+            mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-12)
+            x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+        self.set_data(x_train, y_train.unsqueeze(1), x_test, y_test.unsqueeze(1))
+
+
+class Sine(DatasetTask):
+    """y = sin(frequency·x) + N(0, noise²), x ~ U(−1, 1): `points` points, the first 30% the test set.
+
+    Generated as the SGN release's script does (numpy: the uniform inputs, then the noise, in that
+    order), from numpy.random.RandomState(seed), so a seed fixes the data set. SGN 2020 ran
+    frequency 10 and 100 with 10,000 points and noise 0.01 (task=sine_f10, task=sine_f100).
+    """
+
+    metric_name = "mse"
+    output_size = 1
+
+    def __init__(self, *, frequency: float = 10.0, noise: float = 0.01, points: int = 10_000, **options):
+        super().__init__(**options)
+        if not (math.isfinite(frequency) and math.isfinite(noise) and noise >= 0) or points < 10:
+            raise ValueError(f"task.frequency and task.noise must be finite (noise >= 0) and task.points >= 10, got "
+                             f"{frequency!r}, {noise!r}, {points!r}")
+        self.loss = SquaredError()
+        self.frequency = frequency
+        generator = np.random.RandomState(seed_for_numpy(self.seed))
+        x = generator.uniform(-1, 1, size=(points, 1))
+        y = np.sin(frequency * x)[:, 0] + generator.normal(0, noise, size=(points,))
+        test = int(points * 0.3)
+        x, y = torch.from_numpy(x), torch.from_numpy(y).unsqueeze(1)
+        self.set_data(x[test:], y[test:], x[:test], y[:test])
+
+
+def seed_for_numpy(seed: int) -> int:
+    """numpy's RandomState takes seeds in [0, 2³²); hfrun's seeds may be any 64-bit integer."""
+    return seed % 2**32
