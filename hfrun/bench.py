@@ -224,6 +224,49 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
     return totals
 
 
+def data_table(tasks: tuple[str, ...], overrides: tuple[str, ...] = (), batch_size: int = 1000) -> list[dict]:
+    """Per data-set task with its default model: the start-up (read, verify, prepare the data) and one
+    epoch split into data handling (drawing shuffled minibatches of `batch_size` from the stream) and
+    compute (a gradient of each, forward and backward), to show that data handling does not dominate.
+    Uses the data sets where a run would find them ($HFRUN_DATASETS, task.data_dir=...)."""
+    from hydra import compose, initialize_config_dir
+
+    from hfrun.config import CONFIG_DIR
+    from hfrun.engine import build_model, build_task
+
+    rows = []
+    for name in tasks:
+        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+            cfg = compose("config", overrides=[f"task={name}", "seed=0", *overrides])
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        task = build_task(cfg, torch.device("cpu"), torch.float32)
+        startup_s = time.perf_counter() - start
+        model = build_model(cfg, task, torch.device("cpu"), torch.float32)
+        stream, batches = task.train_stream(), max(1, task.train_cases // batch_size)
+        data_s = compute_s = 0.0
+        for _ in range(batches):
+            start = time.perf_counter()
+            batch = stream.next(batch_size)
+            data_s += time.perf_counter() - start
+            start = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            task.loss(model(batch.inputs), batch.targets, batch.mask).backward()
+            compute_s += time.perf_counter() - start
+        rows.append({"task": name, "model": type(model).__name__, "cases": task.train_cases, "startup_s": startup_s,
+                     "data_ms": 1000 * data_s, "compute_ms": 1000 * compute_s,
+                     "data_share": data_s / (data_s + compute_s)})
+    table = Table(title=f"one epoch of minibatches of {batch_size} on the CPU ({torch.get_num_threads()} threads): "
+                        "data handling vs gradients")
+    for column in ("task", "model", "cases", "startup_s", "data_ms", "compute_ms", "data_share"):
+        table.add_column(column, justify="left" if column in ("task", "model") else "right")
+    for row in rows:
+        table.add_row(row["task"], row["model"], str(row["cases"]), f"{row['startup_s']:.2f}", f"{row['data_ms']:.0f}",
+                      f"{row['compute_ms']:.0f}", f"{row['data_share']:.1%}")
+    Console(width=160).print(table)
+    return rows
+
+
 MEMORY_PROBE = """
 import resource, sys, torch
 from hfrun.allocator import keep_freed_memory
@@ -287,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
     parser.add_argument("--memory", action="store_true",
                         help="instead of the table: peak memory of a gradient, a set-up and a product, T = 100, 200")
+    parser.add_argument("--data", metavar="TASK,TASK", help="instead of the table: one epoch of these data-set "
+                        "tasks split into data handling and gradients (e.g. mnist,boston,sine_f10)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="with --data: config overrides "
+                        "for every task (e.g. task.verify=false)")
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave glibc's malloc as it is (runs set run.keep_freed_memory=true), to measure that")
     args = parser.parse_args(argv)
@@ -300,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.memory:
         memory_table()
+        return
+    if args.data:
+        data_table(tuple(args.data.split(",")), tuple(args.set))
         return
     if args.task:
         key, _, values = args.compare.partition("=")

@@ -184,8 +184,9 @@ def check_model_fits_task(cfg: DictConfig, model: torch.nn.Module, task) -> None
             f"The model {cfg.model._target_} does not fit the task {task.name}: it was given the task's inputs "
             f"of shape {tuple(inputs.shape)}{shown}, where the task's targets have shape {tuple(targets.shape)} "
             f"({type(error).__name__}: {error}). Drop the model=... override to use the task's default "
-            "model, or pick a model for this kind of data (the pathological tasks are sequences of shape "
-            "(batch, time, features) for model=rnn; linreg is flat vectors for model=linear or model=mlp)."
+            "model, or pick a model for this kind of data: sequences of shape (batch, time, features) (the "
+            "pathological tasks, seqmnist7) take model=rnn or model=lstm; images (batch, channels, height, width) "
+            "take model=mlp, cnn, lenet5 or resnet; flat vectors (linreg, boston, sine) take model=linear or mlp."
         ) from None
 
 

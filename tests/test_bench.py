@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hfrun import bench
+from standins import write_idx_dataset
 
 COLUMNS = ["workload", "grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead", "setup_ms",
            "hf_cg_iters"]
@@ -46,3 +47,13 @@ def test_compare_another_key_on_a_pathological_task(capsys):
 def test_memory_probe_reports_a_peak_for_each_kind_of_work():
     for what in ("gradient", "setup", "product"):
         assert bench.peak_memory_mib(5, what, "jvp", 0.03) >= 0
+
+
+def test_data_table_splits_an_epoch_into_data_handling_and_gradients(tmp_path, capsys):
+    write_idx_dataset(tmp_path / "mnist", train=300, test=50)
+    rows = bench.data_table(("mnist", "sine_f10"), (f"task.data_dir={tmp_path}", "task.verify=false"), batch_size=100)
+    assert [row["task"] for row in rows] == ["mnist", "sine_f10"]
+    assert rows[0]["cases"] == 300 and rows[1]["cases"] == 7000
+    for row in rows:
+        assert row["data_ms"] > 0 and row["compute_ms"] > 0 and 0 < row["data_share"] < 1
+    assert "data_share" in capsys.readouterr().out

@@ -27,6 +27,7 @@ from hfrun.tasks.base import Batch, DatasetStream, Task, make_generator
 
 class DatasetTask(Task):
     report_train_metric = False  # True: final_report() gives the metric over the training set
+    sequence_inputs = False  # True: inputs are (B, T, features) sequences
 
     def __init__(self, *, name: str, seed: int, device, dtype: torch.dtype, data_dir: str | None = None,
                  download: bool = True, verify: bool = True, train_size: int | None = None,
@@ -65,7 +66,8 @@ class DatasetTask(Task):
 
     @property
     def input_size(self) -> int:
-        return math.prod(self.input_shape)
+        """Features per case for a feed-forward model (the flattened input), per step for a sequence."""
+        return self.input_shape[-1] if self.sequence_inputs else math.prod(self.input_shape)
 
     @property
     def train_cases(self) -> int:

@@ -62,6 +62,7 @@ class ImageClassification(DatasetTask):
         if pool < 1:
             raise ValueError(f"task.pool must be a positive integer, got {pool!r}")
         self.loss = SoftmaxCrossEntropy()
+        self.sequence_inputs = as_sequence
         data = self.load(dataset)
         shape = self._layout if as_sequence else (lambda x: x)
         self.set_data(shape(prepare_images(data["train_images"], preprocessing, pool)), data["train_labels"],
