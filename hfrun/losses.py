@@ -56,15 +56,22 @@ class SoftmaxHessian:
 
 
 class SquaredError:
-    """Linear output with L = ½‖z − y‖² per case; targets have the shape of z."""
+    """Linear output with L = scale·‖z − y‖² per case (scale ½ by default, H_L = 2·scale·I); targets have the
+    shape of z. The SGN release's regression objective is the plain mean squared error, scale 1."""
 
     name = "mse"
 
+    def __init__(self, scale: float = 0.5):
+        if not scale > 0:
+            raise ValueError(f"the squared error's scale must be > 0, got {scale!r}")
+        self.scale = float(scale)
+
     def __call__(self, z: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
-        return 0.5 * ((z - y).square() * _position_weights(z, mask)).sum()
+        return self.scale * ((z - y).square() * _position_weights(z, mask)).sum()
 
     def output_hessian(self, z: Tensor, y: Tensor, mask: Tensor | None = None) -> DiagonalHessian:
-        return DiagonalHessian(_position_weights(z, mask).expand_as(z))
+        weights = _position_weights(z, mask).expand_as(z)
+        return DiagonalHessian(weights if self.scale == 0.5 else 2 * self.scale * weights)
 
     def predict(self, z: Tensor) -> Tensor:
         return z

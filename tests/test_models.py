@@ -36,7 +36,7 @@ PROBLEMS = {  # model, input shape per case, loss, target shape per case ("class
     "lstm": (lambda: LSTM(3, 3, hidden_size=3, num_layers=2), (4, 3), SoftmaxCrossEntropy(), "class"),
     "autoencoder": (lambda: Autoencoder(6, 6, encoder_sizes=[4], code_size=2, init="sparse", sparse_fan_in=3),
                     (6,), SigmoidCrossEntropy(), (6,)),
-    "sgn_mlp": (lambda: MLP(3, 1, hidden_sizes=[4, 4], activation="sigmoid", init="normal"), (3,), SquaredError(),
+    "sgn_mlp": (lambda: MLP(3, 1, hidden_sizes=[4, 4], activation="sigmoid", init="normal"), (3,), SquaredError(1.0),
                 (1,)),
 }
 

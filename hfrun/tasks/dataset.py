@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from hfrun import datasets
-from hfrun.metrics import METRICS
+from hfrun.tasks.metrics import METRICS
 from hfrun.tasks.base import Batch, DatasetStream, Task, make_generator
 
 

@@ -90,7 +90,8 @@ BOSTON_SCALINGS = ("global_max", "standardize")
 
 
 class Boston(DatasetTask):
-    """Boston housing: 13 features → the median home value (MEDV), squared error; the metric is the MSE.
+    """Boston housing: 13 features → the median home value (MEDV); the loss and the metric are the mean squared
+    error, mean((z − y)²), as in the SGN release.
 
     The data: Keras' `boston_housing.npz` split 404/102 exactly as Keras does (seed 113), or the
     classic 506-row CSV given as `csv=` with the same split applied to its rows.
@@ -109,7 +110,7 @@ class Boston(DatasetTask):
         super().__init__(**options)
         if scaling not in BOSTON_SCALINGS:
             raise ValueError(f"task.scaling={scaling!r} is unknown; choose one of {list(BOSTON_SCALINGS)}")
-        self.loss = SquaredError()
+        self.loss = SquaredError(scale=1.0)  # the SGN release's objective: mean((z − y)²)
         if csv is None:
             data = self.load("boston")
             x_train, y_train, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
@@ -141,7 +142,7 @@ class Sine(DatasetTask):
         if not (math.isfinite(frequency) and math.isfinite(noise) and noise >= 0) or points < 10:
             raise ValueError(f"task.frequency and task.noise must be finite (noise >= 0) and task.points >= 10, got "
                              f"{frequency!r}, {noise!r}, {points!r}")
-        self.loss = SquaredError()
+        self.loss = SquaredError(scale=1.0)  # the SGN release's objective: mean((z − y)²)
         self.frequency = frequency
         generator = np.random.RandomState(seed_for_numpy(self.seed))
         x = generator.uniform(-1, 1, size=(points, 1))
