@@ -139,6 +139,8 @@ def _instantiate(group: str, cfg: DictConfig, **kwargs):
         cause = error
         while cause.__cause__ is not None:
             cause = cause.__cause__
+        if isinstance(cause, HfrunError):  # already one paragraph for the user (e.g. a missing data set)
+            raise cause from None
         raise HfrunError(f"Could not build the {group} from its config ({type(cause).__name__}: {cause}). "
                          f"Check the {group}.* values you set (hfrun --cfg job shows the composed config).") from None
 

@@ -187,3 +187,17 @@ def test_martens_preconditioner_cuts_iterations_on_an_ill_conditioned_problem(ge
     plain_iterations = first_iteration_within(plain.q_values, optimum, 1e-8)
     preconditioned_iterations = first_iteration_within(preconditioned.q_values, optimum, 1e-8)
     assert preconditioned_iterations < 0.5 * plain_iterations
+
+
+def test_residual_rule_stops_at_the_first_iterate_with_max_abs_residual_below_tol():
+    """SGN's release rule: stop once max|r| ≤ tol; the residual is checked by hand at every length."""
+    generator = torch.Generator().manual_seed(4)
+    A = random_spd(30, 1e3, generator)
+    g = torch.randn(30, dtype=DTYPE, generator=generator)
+    full = [conjugate_gradient(lambda v: A @ v, g, max_iters=k, tol=0.0, save_iterates=False) for k in range(1, 31)]
+    residuals = [float((A @ result.solution + g).abs().max()) for result in full]
+    tol = sorted(residuals)[len(residuals) // 2]  # a tolerance that some iterate meets
+    expected = 1 + next(k for k, value in enumerate(residuals) if value <= tol)
+    result = conjugate_gradient(lambda v: A @ v, g, max_iters=30, tol=0.0, save_iterates=False, residual_tol=tol)
+    assert result.iterations == expected and result.stop_reason == "converged"
+    assert torch.equal(result.solution, full[expected - 1].solution)

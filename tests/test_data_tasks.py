@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_hfrun
 from hfrun import datasets
-from hfrun.tasks.images import ImageClassification, MNISTAutoencoder, prepare_images
+from hfrun.tasks.vision import ImageClassification, MNISTAutoencoder, prepare_images
 from hfrun.tasks.regression import Boston, Sine
 from standins import write_boston_csv, write_boston_npz, write_cifar_dataset, write_idx_dataset
 

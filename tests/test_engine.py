@@ -58,7 +58,9 @@ HF_SMALL = ["model=mlp", "model.hidden_sizes=[8]", "solver.gradient_batch_size=5
 
 
 @pytest.mark.parametrize("solver,extra", [("sgd", ["solver.lr=0.01"]), ("adam", ["solver.lr=0.01"]),
-                                          ("hf", HF_SMALL)])
+                                          ("hf", HF_SMALL),
+                                          ("sgn", ["model=mlp", "model.hidden_sizes=[8]", "solver.batch_size=200",
+                                                   "solver.cg_max_iters=5", "solver.momentum=0.5"])])
 def test_resume_equals_uninterrupted(make_config, tmp_path, solver, extra):
     overrides = [f"solver={solver}", *FAST_RUN, *extra, "run.early_stop.patience=50"]
     straight = Run(make_config(*overrides), tmp_path / "straight")

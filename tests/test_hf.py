@@ -163,10 +163,10 @@ def test_chunked_gradient_and_objective_equal_the_whole_batch():
     batch = _sine_data()
     chunks = [Batch(batch.inputs[i:i + 100], batch.targets[i:i + 100]) for i in range(0, 256, 100)]
     theta = solver.spec.flatten(trainable_parameters(model))
-    whole, chunked = solver._gradient(theta, [batch]), solver._gradient(theta, chunks)
+    whole, chunked = solver.objective.gradient(theta, [batch]), solver.objective.gradient(theta, chunks)
     assert whole[0] == pytest.approx(chunked[0], rel=1e-12) and whole[1] == pytest.approx(chunked[1], rel=1e-12)
     assert torch.allclose(whole[2], chunked[2], rtol=1e-10, atol=1e-14)
-    assert solver._objective(theta, chunks) == pytest.approx(solver._objective(theta, [batch]), rel=1e-12)
+    assert solver.objective.value(theta, chunks) == pytest.approx(solver.objective.value(theta, [batch]), rel=1e-12)
 
 
 def test_chunked_draws_and_undamped_rho_run_end_to_end():

@@ -53,12 +53,14 @@ def made_too_little_progress(q_values: list[float], i: int, tol: float) -> bool:
 
 def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | None = None,
                        max_iters: int = 250, tol: float = 5e-4, preconditioner: Tensor | None = None,
-                       save_iterates: bool = True, restart_uphill: bool = False) -> CGResult:
+                       save_iterates: bool = True, restart_uphill: bool = False,
+                       residual_tol: float | None = None) -> CGResult:
     """Approximately minimise q(x) = gᵀx + ½xᵀAx from x0 (default 0); see the module docstring.
 
     `tol` = 0 switches the relative-progress test off; CG then runs until
     `max_iters` or until the residual vanishes (in the M⁻¹-norm, below machine
-    precision relative to the start).
+    precision relative to the start). `residual_tol` adds SGN's release rule:
+    stop once max|r| ≤ residual_tol (checked after each iteration).
     """
     if max_iters < 0:
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
@@ -76,6 +78,7 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | N
     rz_start = float(rz)
     vanished = rz_start * torch.finfo(g.dtype).eps ** 2
     save_at = set(saved_iterations(max_iters)) if save_iterates else set()
+    residual_limit = -math.inf if residual_tol is None else residual_tol
     iterates: list[tuple[int, Tensor]] = []
 
     i, stop_reason = 0, ("converged" if rz_start <= 0 else "max_iters")
@@ -93,7 +96,11 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | N
             torch.div(residual, preconditioner, out=preconditioned)
         rz_next = torch.dot(residual, preconditioned)
         q = 0.5 * (torch.dot(x, g) - torch.dot(x, residual))
-        pap_value, rz_value, q_value = torch.stack([pap, rz_next, q]).tolist()  # the one sync
+        if residual_tol is None:
+            pap_value, rz_value, q_value = torch.stack([pap, rz_next, q]).tolist()  # the one sync
+            residual_max = 0.0
+        else:
+            pap_value, rz_value, q_value, residual_max = torch.stack([pap, rz_next, q, residual.abs().max()]).tolist()
         if not math.isfinite(pap_value):
             raise FloatingPointError(f"CG iteration {i}: the curvature product gave pᵀAp = {pap_value}; "
                                      "check the loss and the parameters for NaN or inf")
@@ -103,7 +110,7 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | N
         q_values.append(q_value)
         if i in save_at:
             iterates.append((i, x.clone()))
-        if rz_value <= vanished:
+        if rz_value <= vanished or residual_max <= residual_limit:
             stop_reason = "converged"
         elif tol > 0 and made_too_little_progress(q_values, i, tol):
             stop_reason = "progress"

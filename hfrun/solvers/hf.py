@@ -51,11 +51,11 @@ import time
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from hfrun.curvature import (JV_METHODS, CurvatureOperator, ParamSpec, martens_preconditioner,
-                             per_case_gradient_squares, trainable_parameters)
+from hfrun.curvature import JV_METHODS, ParamSpec, martens_preconditioner, per_case_gradient_squares, trainable_parameters
 from hfrun.solvers.cg import conjugate_gradient
+from hfrun.solvers.second_order import (ChunkedCurvature, ChunkedObjective, LevenbergMarquardt, armijo, draw_chunks,
+                                        leading_cases, quadratic_value, reduction_ratio)
 
 CURVATURES = ("ggn", "hessian")
 PRECONDITIONERS = ("none", "martens")
@@ -122,105 +122,76 @@ class HessianFree:
         self.rho_model, self.chunk_size, self.warm_start_from = rho_model, int(chunk_size), warm_start
         self.restart_uphill = bool(restart_uphill)
         self.damping_max, self.stall_updates = float(damping_max), int(stall_updates)
-        self.damping = float(initial_damping)
-        self.updates_stuck_at_max = 0  # consecutive updates with ρ < 1/4 at λ = damping_max
+        self.levenberg_marquardt = LevenbergMarquardt(initial_damping, damping_min, damping_max)
         self.spec = ParamSpec.from_module(model)
+        self.objective = ChunkedObjective(model, loss, self.spec, self.weight_cost)
         self.warm_start: Tensor | None = None
 
-    # ------------------------------------------------------------ objective
+    @property
+    def damping(self) -> float:
+        """λ, held by the Levenberg-Marquardt controller."""
+        return self.levenberg_marquardt.damping
 
-    def _draw(self, stream, size: int) -> list:
-        """`size` cases as a list of chunks of at most `chunk_size` (one chunk when chunk_size is 0)."""
-        chunk = self.chunk_size or size
-        return [stream.next(min(chunk, size - start)) for start in range(0, size, chunk)]
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self.levenberg_marquardt.damping = float(value)
 
-    def _objective(self, theta: Tensor, batches: list) -> float:
-        """f(θ) = L(θ; batches) + ½·weight_cost·‖θ‖², L the size-weighted mean over chunks, without a graph."""
-        total = sum(batch.size for batch in batches)
-        params = self.spec.unflatten(theta)
-        with torch.no_grad():
-            value = sum(self.loss(functional_call(self.model, params, (batch.inputs,)), batch.targets, batch.mask)
-                        * (batch.size / total) for batch in batches)
-            if self.weight_cost:
-                value = value + 0.5 * self.weight_cost * theta.dot(theta)
-        return float(value)
-
-    def _gradient(self, theta: Tensor, batches: list) -> tuple[float, float, Tensor]:
-        """(data loss L, objective f = L + ½·weight_cost·‖θ‖², ∇f) on the chunks, size-weighted."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        total = sum(batch.size for batch in batches)
-        data_loss, gradient = 0.0, torch.zeros_like(theta)
-        for batch in batches:
-            loss = self.loss(self.model(batch.inputs), batch.targets, batch.mask) * (batch.size / total)
-            gradient += self.spec.flatten(torch.autograd.grad(loss, params))
-            data_loss += float(loss.detach())
-        objective = data_loss
-        if self.weight_cost:
-            gradient = gradient + self.weight_cost * theta
-            objective += 0.5 * self.weight_cost * float(theta.dot(theta))
-        return data_loss, objective, gradient
+    @property
+    def updates_stuck_at_max(self) -> int:
+        return self.levenberg_marquardt.updates_stuck_at_max
 
     # ------------------------------------------------------------ one update
 
     def step(self, stream) -> dict[str, float]:
         clock = time.perf_counter()
         theta = self.spec.flatten(trainable_parameters(self.model))
-        gradient_batch = self._draw(stream, self.gradient_batch_size)
+        gradient_batch = draw_chunks(stream, self.gradient_batch_size, self.chunk_size)
         gradient_cases = sum(batch.size for batch in gradient_batch)
-        curvature_chunks = _leading_cases(gradient_batch, self.curvature_batch_size)
-        curvature_cases = sum(chunk.size for chunk in curvature_chunks)
-        data_loss, loss_before, gradient = self._gradient(theta, gradient_batch)
+        curvature_chunks = leading_cases(gradient_batch, self.curvature_batch_size)
+        data_loss, loss_before, gradient = self.objective.gradient(theta, gradient_batch)
         if not (math.isfinite(loss_before) and bool(torch.isfinite(gradient).all())):
             # Nothing sensible can follow; leave θ as it is and let the caller see the non-finite loss.
             return {"loss": math.nan if math.isfinite(data_loss) else data_loss, "objective": loss_before,
                     "examples_grad": gradient_cases, "examples_curv": 0}
-        operators = [CurvatureOperator(self.model, self.loss, chunk, damping=self.damping,
-                                       structural_damping=self.structural_damping, curvature=self.curvature,
-                                       jv_method=self.jv_method) for chunk in curvature_chunks]
-        weights = [chunk.size / curvature_cases for chunk in curvature_chunks]
+        damped_curvature = ChunkedCurvature(self.model, self.loss, curvature_chunks, damping=self.damping,
+                                            structural_damping=self.structural_damping, curvature=self.curvature,
+                                            jv_method=self.jv_method, weight_cost=self.weight_cost)
+        curvature_cases = damped_curvature.cases
         preconditioner, examples_grad = None, gradient_cases
         if self.preconditioner == "martens":
             # Martens' release: the mean over cases of the squared per-case gradients ∇ℓᵢ². The operator
             # returns Σᵢ(∇ℓᵢ/B)², so multiply by B. Per-case gradients cost about a gradient on that batch.
             squares = sum(per_case_gradient_squares(self.model, self.loss, chunk) * chunk.size * weight
-                          for chunk, weight in zip(curvature_chunks, weights))
+                          for chunk, weight in zip(curvature_chunks, damped_curvature.weights))
             examples_grad += curvature_cases
             preconditioner = martens_preconditioner(squares, self.damping + self.weight_cost,
                                                     self.preconditioner_exponent)
         time_gradient = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        products = 0
-
-        def damped_curvature(v: Tensor) -> Tensor:
-            nonlocal products
-            products += 1
-            product = (operators[0].mv(v) if len(operators) == 1
-                       else sum(weight * operator.mv(v) for weight, operator in zip(weights, operators)))
-            return product + self.weight_cost * v if self.weight_cost else product
-
         x0 = None if self.warm_start is None else self.cg_decay * self.warm_start
         cg = conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters,
                                 tol=self.cg_tol, preconditioner=preconditioner, restart_uphill=self.restart_uphill)
         time_cg = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        backtrack_batch = (self._draw(stream, self.backtrack_batch_size) if self.backtrack_batch_size
-                           else gradient_batch)
-        objective_before = loss_before if backtrack_batch is gradient_batch else self._objective(theta, backtrack_batch)
+        backtrack_batch = (draw_chunks(stream, self.backtrack_batch_size, self.chunk_size)
+                           if self.backtrack_batch_size else gradient_batch)
+        objective_before = (loss_before if backtrack_batch is gradient_batch
+                            else self.objective.value(theta, backtrack_batch))
         chosen_iter, direction, objective_after = self._backtrack(theta, cg.iterates, backtrack_batch)
         model_reduction = cg.q_values[chosen_iter]
         if self.rho_model == "undamped":
-            for operator in operators:
-                operator.damping = 0.0  # drops both λI and μλ·G_S
-            model_reduction = _quadratic_value(damped_curvature, gradient, direction)
-            for operator in operators:
-                operator.damping = self.damping
-        rho = self._reduction_ratio(objective_before, objective_after, model_reduction)
+            damped_curvature.set_damping(0.0)  # drops both λI and μλ·G_S
+            model_reduction = quadratic_value(damped_curvature, gradient, direction)
+            damped_curvature.set_damping(self.damping)
+        rho = reduction_ratio(objective_before, objective_after, model_reduction)
         damping_used = self.damping
-        self._update_damping(rho)
-        step_size, objective_final = self._line_search(theta, direction, gradient, objective_before,
-                                                       objective_after, backtrack_batch)
+        self.levenberg_marquardt.update(rho)
+        step_size, objective_final = armijo(
+            lambda rate: self.objective.value(theta + rate * direction, backtrack_batch), objective_before,
+            float(gradient.dot(direction)), objective_after, c=self.line_search_c, shrink=self.line_search_shrink,
+            max_tries=self.max_line_search)
         self.warm_start = self._next_warm_start(cg.solution, step_size, direction)
         with torch.no_grad():
             new_theta = theta + step_size * direction
@@ -235,7 +206,7 @@ class HessianFree:
             "actual_reduction": objective_before - objective_after,
             "line_search_reduction": objective_before - objective_final, "step_size": step_size,
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
-            "examples_grad": examples_grad, "examples_curv": products * curvature_cases,
+            "examples_grad": examples_grad, "examples_curv": damped_curvature.products * curvature_cases,
         }
         if self.updates_stuck_at_max >= self.stall_updates:
             stats["stalled"] = (
@@ -260,75 +231,26 @@ class HessianFree:
     def _backtrack(self, theta: Tensor, iterates, batch) -> tuple[int, Tensor, float]:
         """Walk back from the last saved CG iterate while f keeps improving; return (iteration, d, f(θ+d))."""
         best_iter, best_direction = iterates[-1]
-        best_value = self._objective(theta + best_direction, batch)
+        best_value = self.objective.value(theta + best_direction, batch)
         for iteration, direction in reversed(iterates[:-1]):
-            value = self._objective(theta + direction, batch)
+            value = self.objective.value(theta + direction, batch)
             if not value < best_value:
                 break
             best_iter, best_direction, best_value = iteration, direction, value
         return best_iter, best_direction, best_value
 
-    @staticmethod
-    def _reduction_ratio(before: float, after: float, model_reduction: float) -> float:
-        if not math.isfinite(after) or after > before or model_reduction >= 0:
-            return -math.inf
-        return (after - before) / model_reduction
-
-    def _update_damping(self, rho: float) -> None:
-        stuck = rho < 0.25 and self.damping >= self.damping_max
-        self.updates_stuck_at_max = self.updates_stuck_at_max + 1 if stuck else 0
-        if rho < 0.25:
-            self.damping = min(self.damping * 1.5, self.damping_max)
-        elif rho > 0.75:
-            self.damping = max(self.damping * 2 / 3, self.damping_min)
-
-    def _line_search(self, theta, direction, gradient, before, value_at_one, batch) -> tuple[float, float]:
-        """Armijo backtracking from α = 1; (0, f(θ)) when no tried α decreases f."""
-        slope = float(gradient.dot(direction))
-        if not slope < 0:  # not a descent direction: no step along it can satisfy Armijo meaningfully
-            return 0.0, before
-        rate, value = 1.0, value_at_one
-        for _ in range(self.max_line_search):
-            if math.isfinite(value) and value <= before + self.line_search_c * rate * slope:
-                return rate, value
-            rate *= self.line_search_shrink
-            value = self._objective(theta + rate * direction, batch)
-        return 0.0, before
-
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"damping": self.damping, "warm_start": self.warm_start,
-                "updates_stuck_at_max": self.updates_stuck_at_max}
+        return {**self.levenberg_marquardt.state_dict(), "warm_start": self.warm_start}
 
     def load_state_dict(self, state: dict) -> None:
-        # A checkpoint of an hfrun without damping_max may hold a λ far above it (or inf): bring it back.
-        self.damping = min(float(state["damping"]), self.damping_max)
-        self.updates_stuck_at_max = int(state.get("updates_stuck_at_max", 0))
+        self.levenberg_marquardt.load_state_dict(state)
         warm_start = state["warm_start"]
         if warm_start is not None:
             reference = next(self.model.parameters())
             warm_start = warm_start.to(reference.device, reference.dtype)
         self.warm_start = warm_start
-
-
-def _quadratic_value(curvature_product, gradient: Tensor, d: Tensor) -> float:
-    """gᵀd + ½ dᵀA d for A given by its product; one product."""
-    return float(gradient.dot(d) + 0.5 * d.dot(curvature_product(d)))
-
-
-def _leading_cases(chunks: list, size: int) -> list:
-    """The first `size` cases of a chunked batch, as chunks: Martens' curvature chunk of the gradient batch."""
-    taken = []
-    for batch in chunks:
-        if size <= 0:
-            break
-        if size < batch.size:
-            batch = type(batch)(batch.inputs[:size], batch.targets[:size],
-                                None if batch.mask is None else batch.mask[:size])
-        taken.append(batch)
-        size -= batch.size
-    return taken
 
 
 def _check(condition: bool, message: str) -> None:
