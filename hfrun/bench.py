@@ -15,6 +15,11 @@ One process, one device, side by side. Per workload:
 Times are medians of interleaved rounds after warm-up, with float32 denormals
 flushed to zero on the CPU and glibc's malloc keeping freed memory (as in a run; --system-allocator
 leaves it as it is). The RNN rows are held against a plain-loop RNN under autograd, the last row.
+
+A second table times one SGN update with k = 3 and 10 CG steps on the SGN release's MNIST and sine MLPs
+(batch 1000) against (1 + k) gradients; a third times block-diagonal HF's all-blocks product (one block per
+layer, batched through vmap or one block at a time) against one full GGN product. `--data` instead splits an epoch of the data-set tasks into data
+handling and gradients; `--task` and `--memory` are described under --help.
 """
 from __future__ import annotations
 
@@ -224,6 +229,103 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
     return totals
 
 
+SGN_CG_ITERS = (3, 10)
+
+
+def sgn_workloads(device: torch.device, scale: float) -> list[tuple[str, nn.Module, Callable, Batch]]:
+    """The SGN release's MNIST and sine networks on batches of 1000 (random data of the right shapes)."""
+    cases = max(2, int(1000 * scale))
+    mnist = MLP(784, 10, [20, 20, 20], activation="sigmoid", init="normal").to(device)
+    sine = MLP(1, 1, [20, 20, 20], activation="sigmoid", init="normal").to(device)
+    return [("SGN MLP 784-20-20-20-10, B1000", mnist, SoftmaxCrossEntropy(),
+             Batch(torch.rand(cases, 784, device=device), torch.randint(0, 10, (cases,), device=device))),
+            ("SGN MLP 1-20-20-20-1, B1000", sine, SquaredError(1.0),
+             Batch(torch.rand(cases, 1, device=device) * 2 - 1, torch.randn(cases, 1, device=device)))]
+
+
+def sgn_measure(model: nn.Module, loss, batch: Batch, device: torch.device, repeats: int) -> dict[str, float]:
+    """One SGN update with exactly k CG steps (cg_tol 0) against k + 1 gradients: update / (grad·(1 + k))."""
+    from hfrun.solvers.sgn import SGN
+
+    stream = FixedBatch(batch)
+
+    def gradient():
+        model.zero_grad(set_to_none=True)
+        loss(model(batch.inputs), batch.targets).backward()
+
+    row = {}
+    for iters in SGN_CG_ITERS:
+        solver = SGN(copy.deepcopy(model), loss, batch_size=batch.size, cg_max_iters=iters, cg_warmup_updates=0,
+                     cg_tol=0.0)
+        for _ in range(2):  # warm-up
+            gradient(), solver.step(stream)
+        ratios, updates = [], []
+        for _ in range(repeats):
+            grad_ms = statistics.median(elapsed_ms(gradient, device) for _ in range(3))
+            update_ms = elapsed_ms(lambda: solver.step(stream), device)
+            ratios.append(update_ms / (grad_ms * (1 + iters)))
+            updates.append(update_ms)
+        row[f"update_ms_cg{iters}"] = statistics.median(updates)
+        row[f"ratio_cg{iters}"] = statistics.median(ratios)
+    row["grad_ms"] = statistics.median(elapsed_ms(gradient, device) for _ in range(repeats))
+    return row
+
+
+def sgn_table(device: torch.device, scale: float, repeats: int) -> None:
+    columns = ["grad_ms", *(f"{kind}_cg{k}" for k in SGN_CG_ITERS for kind in ("update_ms", "ratio"))]
+    table = Table(title="SGN: one update with k CG steps against (1 + k) gradients (ratio = update / (grad·(1+k)); "
+                        "the floor is about 1.3-1.5: a GGN product costs more than a gradient)")
+    table.add_column("workload")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, model, loss, batch in sgn_workloads(device, scale):
+        row = sgn_measure(model, loss, batch, device, repeats)
+        table.add_row(name, *(f"{row[c]:.2f}" if c.startswith("ratio") else f"{row[c]:.1f}" for c in columns))
+    Console(width=160).print(table)
+
+
+def bdhf_table(device: torch.device, scale: float, repeats: int) -> list[dict]:
+    """One all-blocks product of block-diagonal HF (one block per layer) against one full GGN product, with
+    the blocks' tangents batched through vmap and one block at a time (a CG iteration is one product)."""
+    from hfrun.solvers.bdhf import BlockDiagonalHF, BlockDiagonalProduct
+    from hfrun.solvers.second_order import ChunkedCurvature
+
+    cases = max(2, int(1000 * scale))
+    images = torch.rand(cases, 784, device=device)
+    problems = [("autoencoder 784-…-30-…-784, B1000", Autoencoder(784).to(device), SigmoidCrossEntropy(),
+                 Batch(images, images)),
+                ("SGN MLP 784-20-20-20-10, B1000", MLP(784, 10, [20, 20, 20], activation="sigmoid").to(device),
+                 SoftmaxCrossEntropy(), Batch(images, torch.randint(0, 10, (cases,), device=device)))]
+    rows = []
+    for name, model, loss, batch in problems:
+        solver = BlockDiagonalHF(model, loss, gradient_batch_size=cases)
+        curvature = ChunkedCurvature(model, loss, [batch], damping=1.0)
+        batched = BlockDiagonalProduct(curvature, solver.masks, batched=True)
+        looped = BlockDiagonalProduct(curvature, solver.masks, batched=False)
+        v = torch.randn(len(solver.block_index), device=device)
+        works = {"full_ms": lambda: curvature(v), "batched_ms": lambda: batched(v), "looped_ms": lambda: looped(v)}
+        for work in works.values():
+            work()  # warm-up
+        times: dict[str, list[float]] = {key: [] for key in works}
+        for _ in range(repeats):
+            for key, work in works.items():
+                times[key].append(elapsed_ms(work, device))
+        row = {"workload": name, "blocks": solver.num_blocks, **{key: statistics.median(t) for key, t in times.items()}}
+        row["batched/full"] = row["batched_ms"] / row["full_ms"]
+        row["looped/full"] = row["looped_ms"] / row["full_ms"]
+        rows.append(row)
+    columns = ["blocks", "full_ms", "batched_ms", "looped_ms", "batched/full", "looped/full"]
+    table = Table(title="BDHF: one all-blocks curvature product (one per layer) against one full GGN product")
+    table.add_column("workload")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["workload"], *(str(row[c]) if c == "blocks" else f"{row[c]:.2f}" if "/" in c
+                                         else f"{row[c]:.1f}" for c in columns))
+    Console(width=160).print(table)
+    return rows
+
+
 def data_table(tasks: tuple[str, ...], overrides: tuple[str, ...] = (), batch_size: int = 1000) -> list[dict]:
     """Per data-set task with its default model: the start-up (read, verify, prepare the data) and one
     epoch split into data handling (drawing shuffled minibatches of `batch_size` from the stream) and
@@ -367,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
                                        f"{row[c]:.2f}" if c == "gvp/grad" else
                                        f"{row[c]}" if c == "hf_cg_iters" else f"{row[c]:.1f}" for c in columns))
     Console(width=160).print(table)
+    sgn_table(device, args.scale, args.repeats)
+    bdhf_table(device, args.scale, args.repeats)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def test_bench_prints_a_row_per_workload(capsys):
     for column in COLUMNS:
         assert column in out
     for name in ("MLP 784-256-256-10, B5000 (linearize)", "autoencoder", "RNN-100 T100 B1000, loop (linearize)",
+                 "SGN MLP 784-20-20-20-10", "ratio_cg3",
                  "loop (jvp)", "nn.RNN", "analytic (linearize)", "analytic (double_vjp)", "plain-loop reference"):
         assert name in out
 
@@ -57,3 +58,18 @@ def test_data_table_splits_an_epoch_into_data_handling_and_gradients(tmp_path, c
     for row in rows:
         assert row["data_ms"] > 0 and row["compute_ms"] > 0 and 0 < row["data_share"] < 1
     assert "data_share" in capsys.readouterr().out
+
+
+def test_sgn_rows_give_the_update_to_gradient_ratio():
+    name, model, loss, batch = bench.sgn_workloads(torch.device("cpu"), 0.01)[1]
+    row = bench.sgn_measure(model, loss, batch, torch.device("cpu"), repeats=1)
+    for iters in bench.SGN_CG_ITERS:
+        assert row[f"update_ms_cg{iters}"] > 0 and row[f"ratio_cg{iters}"] > 0
+
+
+def test_bdhf_rows_compare_an_all_blocks_product_with_a_full_product(capsys):
+    rows = bench.bdhf_table(torch.device("cpu"), 0.005, repeats=1)
+    assert [row["blocks"] for row in rows] == [8, 4]  # one block per layer
+    for row in rows:
+        assert row["full_ms"] > 0 and row["batched/full"] > 0 and row["looped/full"] > 0
+    assert "batched/full" in capsys.readouterr().out

@@ -60,7 +60,8 @@ HF_SMALL = ["model=mlp", "model.hidden_sizes=[8]", "solver.gradient_batch_size=5
 @pytest.mark.parametrize("solver,extra", [("sgd", ["solver.lr=0.01"]), ("adam", ["solver.lr=0.01"]),
                                           ("hf", HF_SMALL),
                                           ("sgn", ["model=mlp", "model.hidden_sizes=[8]", "solver.batch_size=200",
-                                                   "solver.cg_max_iters=5", "solver.momentum=0.5"])])
+                                                   "solver.cg_max_iters=5", "solver.momentum=0.5"]),
+                                          ("bdhf", HF_SMALL)])
 def test_resume_equals_uninterrupted(make_config, tmp_path, solver, extra):
     overrides = [f"solver={solver}", *FAST_RUN, *extra, "run.early_stop.patience=50"]
     straight = Run(make_config(*overrides), tmp_path / "straight")
@@ -73,7 +74,7 @@ def test_resume_equals_uninterrupted(make_config, tmp_path, solver, extra):
     assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["progress"]["update"] == 33
 
     resumed_run = Run(make_config(*overrides, f"run.resume={tmp_path / 'stopped'}"), tmp_path / "stopped")
-    if solver == "hf":  # λ and the CG warm start come back from the checkpoint
+    if solver in ("hf", "bdhf"):  # λ and the CG warm start come back from the checkpoint
         assert resumed_run.solver.damping == first.solver.damping
         assert torch.equal(resumed_run.solver.warm_start, first.solver.warm_start)
     resumed = resumed_run.train()

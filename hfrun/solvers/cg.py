@@ -121,3 +121,70 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | N
         iterates.append((i, x.clone()))
     return CGResult(solution=x, iterations=i, stop_reason=stop_reason, iterates=iterates, q_values=q_values,
                     q_warm_start=q_warm_start, restarted=restarted)
+
+
+def blockwise_conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, blocks: Tensor, num_blocks: int,
+                                 x0: Tensor | None = None, max_iters: int = 250, tol: float = 5e-4,
+                                 preconditioner: Tensor | None = None, save_iterates: bool = True) -> CGResult:
+    """Independent CG runs, one per block of coordinates, in lockstep (block-diagonal HF, Zhang et al. 2017).
+
+    `blocks[j]` is the block of coordinate j; `mv` multiplies by a block-diagonal A (its off-block entries
+    zero), so each block's CG sees only its own A_bb and g_b: every inner product, step size α_b and
+    conjugation factor β_b is per block, and each block stops by itself (Martens' relative progress on its
+    own φ_b, non-positive curvature, or a vanished residual), keeping its iterate while the others go on.
+    One product per iteration serves all blocks still running. The result's `q_values[i]` is Σ_b φ_b after
+    i iterations, its iterates are the assembled x at the saved iterations, and `block_iterations` says how
+    many steps each block took.
+    """
+    if max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+
+    def per_block(values: Tensor) -> Tensor:
+        return torch.zeros(num_blocks, dtype=g.dtype, device=g.device).index_add_(0, blocks, values)
+
+    x = torch.zeros_like(g) if x0 is None else x0.clone()
+    residual = -g if x0 is None else -g - mv(x)
+    preconditioned = residual if preconditioner is None else residual / preconditioner
+    direction = preconditioned.clone()
+    rz = per_block(residual * preconditioned)
+    vanished = rz * torch.finfo(g.dtype).eps ** 2
+    block_q = [[value] for value in (0.5 * per_block(x * (g - residual))).tolist()]
+    q_values = [sum(q[0] for q in block_q)]
+    running = rz > 0
+    steps_taken = torch.zeros(num_blocks, dtype=torch.long)
+    save_at = set(saved_iterations(max_iters)) if save_iterates else set()
+    iterates: list[tuple[int, Tensor]] = []
+    i = 0
+    while bool(running.any()) and i < max_iters:
+        i += 1
+        curvature_direction = mv(direction * running[blocks])
+        pap = per_block(direction * curvature_direction)
+        take = running & (pap > 0)
+        if not bool(torch.isfinite(pap[running]).all()):
+            raise FloatingPointError(f"CG iteration {i}: the curvature product gave a non-finite pᵀAp; "
+                                     "check the loss and the parameters for NaN or inf")
+        step = torch.where(take, rz / torch.where(take, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+        x.addcmul_(direction, step[blocks])
+        residual.addcmul_(curvature_direction, step[blocks], value=-1)
+        preconditioned = residual if preconditioner is None else residual / preconditioner
+        rz_next = per_block(residual * preconditioned)
+        q_now = (0.5 * per_block(x * (g - residual))).tolist()
+        running = take.clone()  # a block that met non-positive curvature stops before that step
+        steps_taken += take.long()
+        for b in torch.nonzero(take).flatten().tolist():
+            block_q[b].append(q_now[b])
+            steps = len(block_q[b]) - 1
+            if rz_next[b] <= vanished[b] or (tol > 0 and made_too_little_progress(block_q[b], steps, tol)):
+                running[b] = False
+        q_values.append(sum(q[-1] for q in block_q))
+        if i in save_at:
+            iterates.append((i, x.clone()))
+        beta = torch.where(running, rz_next / torch.where(running, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        direction = preconditioned + beta[blocks] * direction
+        rz = torch.where(running, rz_next, rz)
+    if save_iterates and (not iterates or iterates[-1][0] != i):
+        iterates.append((i, x.clone()))
+    result = CGResult(solution=x, iterations=i, stop_reason="blocks", iterates=iterates, q_values=q_values,
+                      q_warm_start=q_values[0])
+    result.block_iterations = steps_taken.tolist()
+    return result

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from hfrun.curvature import JV_METHODS, ParamSpec, martens_preconditioner, per_case_gradient_squares, trainable_parameters
-from hfrun.solvers.cg import conjugate_gradient
+from hfrun.solvers.cg import CGResult, conjugate_gradient
 from hfrun.solvers.second_order import (ChunkedCurvature, ChunkedObjective, LevenbergMarquardt, armijo, draw_chunks,
                                         leading_cases, quadratic_value, reduction_ratio)
 
@@ -170,8 +170,7 @@ class HessianFree:
 
         clock = time.perf_counter()
         x0 = None if self.warm_start is None else self.cg_decay * self.warm_start
-        cg = conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters,
-                                tol=self.cg_tol, preconditioner=preconditioner, restart_uphill=self.restart_uphill)
+        cg = self._solve(damped_curvature, gradient, x0, preconditioner)
         time_cg = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -219,6 +218,12 @@ class HessianFree:
                 "start a new run with a higher solver.damping_max or solver.stall_updates, or a larger "
                 "solver.gradient_batch_size (a resume must keep the solver's settings).")
         return stats
+
+    def _solve(self, damped_curvature: ChunkedCurvature, gradient: Tensor, x0: Tensor | None,
+               preconditioner: Tensor | None) -> CGResult:
+        """CG on the quadratic model (block-diagonal HF replaces this with one CG per block)."""
+        return conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters, tol=self.cg_tol,
+                                  preconditioner=preconditioner, restart_uphill=self.restart_uphill)
 
     def _next_warm_start(self, solution: Tensor, step_size: float, direction: Tensor) -> Tensor | None:
         """What the next CG starts from (times cg_decay): the last CG iterate, the step taken, or nothing."""

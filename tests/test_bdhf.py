@@ -1,0 +1,151 @@
+"""Block-diagonal HF (Zhang et al. 2017): the block-diagonal product against the dense float64 GGN with its
+off-block entries zeroed, per-block CG against dense solves, one block = HF, a separable problem solved,
+and the partitions."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hfrun.curvature import CurvatureOperator
+from hfrun.losses import SoftmaxCrossEntropy, SquaredError
+from hfrun.models.lstm import LSTM
+from hfrun.models.mlp import MLP
+from hfrun.solvers.bdhf import BlockDiagonalHF, BlockDiagonalProduct, layer_of, partition_parameters
+from hfrun.solvers.cg import blockwise_conjugate_gradient
+from hfrun.solvers.hf import HessianFree
+from hfrun.solvers.second_order import ChunkedCurvature
+from hfrun.tasks.base import Batch
+from test_curvature import assert_close_matrices, dense_ggn
+from test_hf import FullBatch
+from test_cg import random_spd
+
+
+def classification_problem():
+    torch.manual_seed(0)
+    model = MLP(6, 3, [5, 4], activation="tanh").double()
+    return model, SoftmaxCrossEntropy(), Batch(torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 3, (30,)))
+
+
+PARTITIONS = [("layer", []), ("tensor", []), ("patterns", [r"layers\.0", r"\.bias"])]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("mode, patterns", PARTITIONS)
+def test_block_diagonal_product_is_the_dense_ggn_with_off_block_entries_zeroed(mode, patterns, batched):
+    model, loss, batch = classification_problem()
+    solver = BlockDiagonalHF(model, loss, gradient_batch_size=30, blocks=mode, block_patterns=patterns)
+    curvature = ChunkedCurvature(model, loss, [batch], damping=0.3)
+    product = BlockDiagonalProduct(curvature, solver.masks, batched=batched)
+    identity = torch.eye(len(solver.block_index), dtype=torch.float64)
+    actual = torch.stack([product(column) for column in identity], dim=1)
+    same_block = solver.block_index[:, None] == solver.block_index[None, :]
+    expected = (dense_ggn(model, loss, batch) + 0.3 * identity) * same_block
+    assert_close_matrices(actual, expected)
+    assert product.batched == batched  # vmap over the curvature operator works on this model
+    assert curvature.products == len(identity) * solver.num_blocks  # K products per block-diagonal product
+
+
+def test_per_block_cg_solves_each_block_independently():
+    generator = torch.Generator().manual_seed(1)
+    sizes = [3, 7, 12]
+    matrices = [random_spd(n, 10.0 ** (k + 1), generator) for k, n in enumerate(sizes)]
+    A = torch.block_diag(*matrices)
+    blocks = torch.cat([torch.full((n,), b) for b, n in enumerate(sizes)])
+    g = torch.randn(sum(sizes), dtype=torch.float64, generator=generator)
+    result = blockwise_conjugate_gradient(lambda v: A @ v, g, blocks, 3, max_iters=100, tol=0.0)
+    start = 0
+    for matrix, n in zip(matrices, sizes):
+        expected = torch.linalg.solve(matrix, -g[start:start + n])
+        torch.testing.assert_close(result.solution[start:start + n], expected, rtol=1e-8, atol=1e-10)
+        start += n
+    # each block stops when its own residual vanishes: the small well-conditioned one long before the others
+    assert result.block_iterations[0] < result.block_iterations[2] < 100
+    # the assembled φ is the sum of the blocks' quadratics
+    x = result.solution
+    assert result.q_values[-1] == pytest.approx(float(g @ x + 0.5 * x @ A @ x), rel=1e-9)
+
+
+def test_a_block_that_meets_non_positive_curvature_stops_while_the_others_go_on():
+    A = torch.block_diag(torch.tensor([[2.0, 0.0], [0.0, 3.0]], dtype=torch.float64),
+                         torch.tensor([[-1.0]], dtype=torch.float64))
+    g = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    result = blockwise_conjugate_gradient(lambda v: A @ v, g, torch.tensor([0, 0, 1]), 2, max_iters=10, tol=0.0)
+    torch.testing.assert_close(result.solution, torch.tensor([-0.5, -1 / 3, 0.0], dtype=torch.float64))
+    assert result.block_iterations == [2, 0]
+
+
+def test_one_block_is_hf_update_for_update():
+    model, loss, batch = classification_problem()
+    hf_model, bd_model = copy.deepcopy(model), copy.deepcopy(model)
+    hf = HessianFree(hf_model, loss, gradient_batch_size=30, cg_max_iters=30)
+    bdhf = BlockDiagonalHF(bd_model, loss, gradient_batch_size=30, cg_max_iters=30, blocks="patterns",
+                           block_patterns=["."])
+    for _ in range(6):
+        a, b = hf.step(FullBatch(batch)), bdhf.step(FullBatch(batch))
+        assert b["cg_iters"] == a["cg_iters"] and b["lambda"] == a["lambda"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-12, abs=1e-14)
+    for p, q in zip(hf_model.parameters(), bd_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+
+
+class TwoHeads(nn.Module):
+    """z = [W₁x₁ + b₁, W₂x₂ + b₂]: each output depends on one layer, so the GGN is block-diagonal by layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 1), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return torch.cat([self.first(x[:, :3]), self.second(x[:, 3:])], dim=1)
+
+
+def test_separable_least_squares_reaches_the_known_optimum():
+    torch.manual_seed(2)
+    model = TwoHeads().double()
+    x = torch.randn(400, 7, dtype=torch.float64)
+    y = torch.stack([x[:, :3] @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3,
+                     x[:, 3:] @ torch.tensor([0.2, 0.1, -1.0, 2.0], dtype=torch.float64) - 1.0], dim=1)
+    y = y + 0.05 * torch.randn_like(y)
+    solver = BlockDiagonalHF(model, SquaredError(), gradient_batch_size=400, initial_damping=1e-3, cg_max_iters=50,
+                             cg_tol=1e-12)
+    assert solver.num_blocks == 2
+    for _ in range(6):
+        solver.step(FullBatch(Batch(x, y)))
+    for head, columns, target in ((model.first, slice(0, 3), y[:, 0]), (model.second, slice(3, 7), y[:, 1])):
+        design = torch.cat([x[:, columns], torch.ones(400, 1, dtype=torch.float64)], dim=1)
+        optimum = torch.linalg.lstsq(design, target[:, None]).solution.flatten()
+        found = torch.cat([head.weight.detach().flatten(), head.bias.detach()])
+        torch.testing.assert_close(found, optimum, rtol=1e-7, atol=1e-8)
+
+
+def test_partitions_and_their_errors():
+    lstm_names = [name for name, _ in LSTM(7, 10, hidden_size=4, num_layers=3).named_parameters()]
+    layers = partition_parameters(lstm_names, "layer")
+    assert list(layers) == ["lstm.l0", "lstm.l1", "lstm.l2", "readout"]
+    assert layers["lstm.l1"] == ["lstm.weight_ih_l1", "lstm.weight_hh_l1", "lstm.bias_ih_l1", "lstm.bias_hh_l1"]
+    assert layer_of("rnn.weight_hh_l0_reverse") == "rnn.l0_reverse" and layer_of("bias") == "bias"
+    assert len(partition_parameters(lstm_names, "tensor")) == len(lstm_names)
+    patterns = partition_parameters(lstm_names, "patterns", ["_l0", "readout"])
+    assert list(patterns) == ["_l0", "other", "readout"] and len(patterns["other"]) == 8
+    with pytest.raises(ValueError, match="match no parameter"):
+        partition_parameters(lstm_names, "patterns", ["decoder"])
+    with pytest.raises(ValueError, match="solver.blocks must be one of"):
+        partition_parameters(lstm_names, "neuron")
+    with pytest.raises(ValueError, match="needs solver.block_patterns"):
+        partition_parameters(lstm_names, "patterns")
+
+
+def test_the_products_of_an_lstm_run_blockwise_too():
+    torch.manual_seed(3)
+    model = LSTM(3, 2, hidden_size=3, num_layers=2).double()
+    batch = Batch(torch.randn(4, 5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    solver = BlockDiagonalHF(model, SoftmaxCrossEntropy(), gradient_batch_size=4)
+    product = BlockDiagonalProduct(ChunkedCurvature(model, SoftmaxCrossEntropy(), [batch], damping=0.1), solver.masks)
+    identity = torch.eye(len(solver.block_index), dtype=torch.float64)
+    actual = torch.stack([product(column) for column in identity], dim=1)
+    same_block = solver.block_index[:, None] == solver.block_index[None, :]
+    expected = (dense_ggn(model, SoftmaxCrossEntropy(), batch) + 0.1 * identity) * same_block
+    assert_close_matrices(actual, expected)
