@@ -149,3 +149,17 @@ def test_the_products_of_an_lstm_run_blockwise_too():
     same_block = solver.block_index[:, None] == solver.block_index[None, :]
     expected = (dense_ggn(model, SoftmaxCrossEntropy(), batch) + 0.1 * identity) * same_block
     assert_close_matrices(actual, expected)
+
+
+def test_undamped_ratio_uses_the_block_diagonal_model_and_restart_uphill_is_refused():
+    model, loss, batch = classification_problem()
+    solver = BlockDiagonalHF(model, loss, gradient_batch_size=30, rho_model="undamped", weight_cost=0.0)
+    curvature = ChunkedCurvature(model, loss, [batch], damping=0.0)
+    v = torch.randn(len(solver.block_index), dtype=torch.float64)
+    block_model = solver._model_curvature(curvature)
+    same_block = solver.block_index[:, None] == solver.block_index[None, :]
+    torch.testing.assert_close(block_model(v), (dense_ggn(model, loss, batch) * same_block) @ v)
+    for _ in range(3):
+        assert solver.step(FullBatch(batch))["loss"] > 0
+    with pytest.raises(ValueError, match="restart_uphill is not available with bdhf"):
+        BlockDiagonalHF(model, loss, gradient_batch_size=30, restart_uphill=True)

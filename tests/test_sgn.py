@@ -195,3 +195,10 @@ def test_bad_settings_are_rejected(kwargs, fragment):
     model, loss, _ = classification_problem()
     with pytest.raises(ValueError, match=fragment):
         SGN(model, loss, batch_size=10, **kwargs)
+
+
+def test_a_rejecting_line_search_still_judges_the_last_step_it_tries():
+    before, slope, c = 1.0, -1.0, 0.1
+    passes_only_when_small = lambda rate: before - 1.0 if rate < 0.2 else before + 1.0  # noqa: E731
+    rate, value = armijo(passes_only_when_small, before, slope, before + 1.0, c=c, shrink=0.5, max_tries=3)
+    assert (rate, value) == (0.125, before - 1.0)  # found by the third halving, the last one tried

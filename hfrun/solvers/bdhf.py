@@ -9,7 +9,8 @@ problem per block, A_bb d_b = −g_b, and CG runs per block (`blockwise_conjugat
 sizes, its own stopping by Martens' rule or the cap, its own warm start from 0.95 × its last solution).
 Everything else is HF's, through the shared second-order core: the gradient and curvature batches,
 backtracking over the saved (assembled) iterates, one Levenberg-Marquardt λ on the assembled
-direction's reduction ratio, and the Armijo line search.
+direction's reduction ratio (its model the block-diagonal one, with `rho_model: undamped` too), and the
+Armijo line search. `restart_uphill` is refused: each block's CG starts from its own warm start.
 
 Blocks (`blocks`):
   - "layer" (default): one block per layer, its weight and bias together (the parameters of one
@@ -104,6 +105,9 @@ class BlockDiagonalHF(HessianFree):
 
     def __init__(self, model: nn.Module, loss, *, blocks: str = "layer", block_patterns: Sequence[str] = (),
                  batched_products: bool = True, **options):
+        if options.get("restart_uphill"):
+            raise ValueError("solver.restart_uphill is not available with bdhf: its CG runs per block from one "
+                             "warm start; set solver.restart_uphill=false or solver.warm_start=none")
         super().__init__(model, loss, **options)
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.partition = partition_parameters(names, blocks, list(block_patterns))
@@ -118,6 +122,9 @@ class BlockDiagonalHF(HessianFree):
         self.batched_products = bool(batched_products)
         log.info("BDHF blocks (%d): %s", self.num_blocks,
                  "; ".join(f"{block}: {', '.join(members)}" for block, members in self.partition.items()))
+
+    def _model_curvature(self, damped_curvature: ChunkedCurvature) -> BlockDiagonalProduct:
+        return BlockDiagonalProduct(damped_curvature, self.masks, self.batched_products)
 
     def _solve(self, damped_curvature: ChunkedCurvature, gradient: Tensor, x0: Tensor | None,
                preconditioner: Tensor | None) -> CGResult:

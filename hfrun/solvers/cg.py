@@ -151,7 +151,7 @@ def blockwise_conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, bloc
     block_q = [[value] for value in (0.5 * per_block(x * (g - residual))).tolist()]
     q_values = [sum(q[0] for q in block_q)]
     running = rz > 0
-    steps_taken = torch.zeros(num_blocks, dtype=torch.long)
+    steps_taken = torch.zeros(num_blocks, dtype=torch.long, device=g.device)
     save_at = set(saved_iterations(max_iters)) if save_iterates else set()
     iterates: list[tuple[int, Tensor]] = []
     i = 0

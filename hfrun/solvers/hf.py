@@ -182,7 +182,7 @@ class HessianFree:
         model_reduction = cg.q_values[chosen_iter]
         if self.rho_model == "undamped":
             damped_curvature.set_damping(0.0)  # drops both λI and μλ·G_S
-            model_reduction = quadratic_value(damped_curvature, gradient, direction)
+            model_reduction = quadratic_value(self._model_curvature(damped_curvature), gradient, direction)
             damped_curvature.set_damping(self.damping)
         rho = reduction_ratio(objective_before, objective_after, model_reduction)
         damping_used = self.damping
@@ -224,6 +224,10 @@ class HessianFree:
         """CG on the quadratic model (block-diagonal HF replaces this with one CG per block)."""
         return conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters, tol=self.cg_tol,
                                   preconditioner=preconditioner, restart_uphill=self.restart_uphill)
+
+    def _model_curvature(self, damped_curvature: ChunkedCurvature):
+        """The curvature product of the quadratic model (block-diagonal HF restricts it to its blocks)."""
+        return damped_curvature
 
     def _next_warm_start(self, solution: Tensor, step_size: float, direction: Tensor) -> Tensor | None:
         """What the next CG starts from (times cg_decay): the last CG iterate, the step taken, or nothing."""

@@ -153,7 +153,8 @@ def armijo(value_at: Callable[[float], float], before: float, slope: float, valu
 
     Accepts the first α with a finite f(θ+αd) ≤ f(θ) + c·α·slope (or c·first_rate·slope with
     `fixed_threshold`, SGN's release), multiplying α by `shrink` up to `max_tries` times. When none passes:
-    (0, f(θ)) with `reject` (also when d is not a descent direction), else the last α tried and its value.
+    (0, f(θ)) with `reject` (also when d is not a descent direction), else the last α tried and its value
+    (SGN's release keeps θ + α·d after its last halving whatever it gives).
     """
     if reject and not slope < 0:  # not a descent direction: no step along it can satisfy Armijo meaningfully
         return 0.0, before
@@ -164,4 +165,7 @@ def armijo(value_at: Callable[[float], float], before: float, slope: float, valu
             return rate, value
         rate *= shrink
         value = value_at(rate)
-    return (0.0, before) if reject else (rate, value)
+    threshold = before + c * (first_rate if fixed_threshold else rate) * slope
+    if reject and not (math.isfinite(value) and value <= threshold):  # the last α tried is judged too
+        return 0.0, before
+    return rate, value
