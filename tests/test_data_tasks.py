@@ -147,3 +147,19 @@ def test_missing_data_without_download_is_one_paragraph(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "python -m hfrun.datasets download mnist" in result.stderr
     assert str(tmp_path / "empty" / "mnist") in result.stderr.replace("\n", "")
+
+
+@pytest.mark.parametrize("solver, task, extra", [
+    ("sgn", "fashion_mnist", ["solver.batch_size=100", "solver.cg_max_iters=5"]),
+    ("sgn", "cifar10", ["solver.batch_size=100", "solver.cg_max_iters=5"]),
+    ("bdhf", "seqmnist7", ["solver.gradient_batch_size=100", "solver.curvature_batch_size=50", "solver.cg_max_iters=10"]),
+    ("bdhf", "cifar10", ["model=resnet", "solver.gradient_batch_size=100", "solver.curvature_batch_size=50",
+                         "solver.cg_max_iters=10"]),
+])
+def test_sgn_and_bdhf_train_on_the_data_set_tasks(solver, task, extra, data_dir, tmp_path):
+    result = run_hfrun(f"solver={solver}", f"task={task}", "run.max_updates=3", "run.eval_every=3",
+                       f"task.data_dir={data_dir}", "task.verify=false", "logger.progress=false", *extra, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (summary_path,) = tmp_path.glob(f"outputs/*/{solver}/*/summary.json")
+    first, last = first_and_last_train_loss(summary_path.parent)
+    assert last < first, (solver, task, first, last)

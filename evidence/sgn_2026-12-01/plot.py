@@ -52,15 +52,15 @@ def main() -> None:
             data = [curves(run, tag) for run in runs]
             style = "--" if sweep.startswith("sgn") else "-"
             for row, part in enumerate(("train", "val")):
-                for column, (axis_column, label) in enumerate(((0, "seconds"), (1, "epochs"))):
+                for column, (axis_column, x_label) in enumerate(((0, "seconds"), (1, "epochs"))):
                     series = [d[part] for d in data]
                     end = min(s[:, axis_column].max() for s in series)
                     grid = np.linspace(0, end, 200)
                     values = on_grid(series, axis_column, grid)
                     axis = axes[row, column]
-                    axis.plot(grid, np.nanmean(values, 0), style, label=f"{sweep} ({len(runs)} seeds)")
+                    axis.plot(grid, np.nanmean(values, 0), style, label=f"{label(sweep)} ({len(runs)} seeds)")
                     axis.fill_between(grid, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.2)
-                    axis.set_xlabel(label)
+                    axis.set_xlabel(x_label)
                     axis.set_ylabel("training loss" if part == "train" else tag)
                     if part == "train" or tag != "val/accuracy":
                         axis.set_yscale("log")
@@ -69,6 +69,14 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(HERE / f"{figure}.png", dpi=80)
         plt.close(fig)
+
+
+def label(sweep: str) -> str:
+    """sgd1_mnist → SGD, lr 1; sgn5_boston_reject_uphill → SGN(5), reject_uphill."""
+    solver, _, rest = sweep.partition("_")
+    variant = rest.split("_", 1)[1] if rest.startswith("boston_") else ""
+    name = f"SGD, lr {solver[3:]}" if solver.startswith("sgd") else f"SGN({solver[3:]})"
+    return f"{name}, {variant}" if variant else name
 
 
 def table() -> str:
@@ -83,8 +91,7 @@ def table() -> str:
             values = np.array([s[key] for s in summaries])
             shown = (f"{values.mean():.2%} ({values.min():.2%}–{values.max():.2%})" if tag == "val/accuracy"
                      else f"{values.mean():.4g} ({values.min():.4g}–{values.max():.4g})")
-            variant = sweep.split("_", 2)[2] if sweep.count("_") >= 2 and "boston_" in sweep else ""
-            rows.append(f"| {figure} ({budget} s) | {sweep.split('_')[0]} {variant} | {len(summaries)} | "
+            rows.append(f"| {figure} ({budget} s) | {label(sweep)} | {len(summaries)} | "
                         f"{np.mean([s['updates'] for s in summaries]):.0f} | "
                         f"{np.mean([s['epochs'] for s in summaries]):.1f} | {shown} |")
     return "\n".join(rows)
