@@ -10,14 +10,14 @@ COMMON="run.threads=1 logger.progress=false run.max_updates=1000000 seed=1"
 one() {  # name overrides...
   local name=$1; shift
   rm -rf "${OUT:?}/$name"
-  .venv/bin/hfrun "$@" $COMMON hydra.run.dir="$OUT/$name" > "$OUT/$name.out" 2>&1 || echo "run $name exited $?"
+  .venv/bin/hfrun $COMMON "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.out" 2>&1 || echo "run $name exited $?"
 }
 STANDIN=$(mktemp -d)
 .venv/bin/python -c "
 import sys; sys.path.insert(0, 'tests')
 from pathlib import Path
 from standins import write_cifar_dataset
-write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=1000)"
+write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=10000, seed=3)"
 (
   # SGN's release flaws, measured (README, "SGN"): rejecting uphill steps, guarding the ratio; Boston, 10 s, 5 seeds
   for option in reject_uphill guard_ratio; do
@@ -31,6 +31,8 @@ write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=1000)"
   one ae_bdhf solver=bdhf task=mnist_autoencoder run.max_seconds=600 run.eval_every=5
   # 3. the 3-layer LSTM on sequential MNIST, 300 s each
   one lstm_bdhf solver=bdhf task=seqmnist7 run.max_seconds=300 run.eval_every=5
+  one cifar_resnet_bdhf solver=bdhf task=cifar10 model=resnet task.data_dir=$STANDIN task.verify=false \
+    task.eval_size=1000 run.max_updates=1 run.eval_every=1
 ) &
 (
   one ae_adam solver=adam task=mnist_autoencoder run.max_seconds=600 run.eval_every=100
@@ -43,11 +45,10 @@ write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=1000)"
   done
   one lstm_hf solver=hf task=seqmnist7 run.max_seconds=300 run.eval_every=5
   one lstm_adam solver=adam task=seqmnist7 run.max_seconds=300 run.eval_every=50
-  # 4. the ResNet on CIFAR-10 stand-in files: what one update costs
-  for solver in hf bdhf adam; do
-    one cifar_resnet_$solver solver=$solver task=cifar10 model=resnet task.data_dir=$STANDIN task.verify=false \
-      run.max_updates=3 run.eval_every=3
-  done
+  # 4. the ResNet on CIFAR-10 stand-in files (full size, 50,000 + 10,000): what one update costs
+  C="task=cifar10 model=resnet task.data_dir=$STANDIN task.verify=false task.eval_size=1000"
+  one cifar_resnet_hf solver=hf $C run.max_updates=2 run.eval_every=2
+  one cifar_resnet_adam solver=adam $C run.max_updates=20 run.eval_every=20
 ) &
 wait
 rm -rf "$STANDIN"
