@@ -877,7 +877,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for spec in DATASETS.values():
                 directory = root / spec.name
                 absent = [f.name for f in spec.files if not _candidates(f, directory)]
-                state = "present (not yet verified)" if not absent else f"missing {', '.join(absent)}"
+                csv = next((name for name in spec.csv_names if (directory / name).is_file()), None)
+                state = ("present (not yet verified)" if not absent else
+                         f"{csv} present in place of {', '.join(absent)} (not yet verified)" if csv else
+                         f"missing {', '.join(absent)}")
                 print(f"  {spec.name:14s} {spec.title}: {directory} - {state}")
             return 0
         specs = list(DATASETS.values()) if args.name == "all" else [_spec(args.name)]

@@ -563,3 +563,12 @@ def test_cli_download_verify_list(tmp_path, server, mnist_like, monkeypatch, cap
     assert all(name in listing for name in ("mnist", "fashion_mnist", "cifar10", "boston"))
     assert ds.main(["verify", "nope"]) == 1
     assert ds.main(["frobnicate"]) == 2
+
+
+def test_list_names_a_boston_csv_in_place_of_the_npz(tmp_path, capsys):
+    (tmp_path / "boston").mkdir()
+    (tmp_path / "boston" / "boston_house_prices.csv").write_text("CRIM\n")
+    assert ds.main(["list", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "boston_house_prices.csv present in place of boston_housing.npz" in out
+    assert "missing cifar-10-binary.tar.gz" in out
