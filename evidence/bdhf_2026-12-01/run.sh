@@ -26,9 +26,10 @@ write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=10000, seed=3
       run.max_seconds=10 run.eval_every=10 run.threads=1 logger.progress=false run.max_updates=1000000 \
       hydra.sweep.dir="$OUT/../sgn_2026-12-01/sgn5_boston_$option" > /dev/null 2>&1 || echo "sweep $option failed"
   done
-  # 1. the MNIST deep autoencoder, 600 s each
-  one ae_hf solver=hf task=mnist_autoencoder run.max_seconds=600 run.eval_every=5
-  one ae_bdhf solver=bdhf task=mnist_autoencoder run.max_seconds=600 run.eval_every=5
+  # 1. the MNIST deep autoencoder: HF and BDHF 1,800 s (run for 600 s, then resumed with
+  #    run.max_seconds=1800 run.resume=<dir>, which continues exactly), Adam 600 s
+  one ae_hf solver=hf task=mnist_autoencoder run.max_seconds=1800 run.eval_every=5
+  one ae_bdhf solver=bdhf task=mnist_autoencoder run.max_seconds=1800 run.eval_every=5
   # 3. the 3-layer LSTM on sequential MNIST, 300 s each
   one lstm_bdhf solver=bdhf task=seqmnist7 run.max_seconds=300 run.eval_every=5
   one cifar_resnet_bdhf solver=bdhf task=cifar10 model=resnet task.data_dir=$STANDIN task.verify=false \

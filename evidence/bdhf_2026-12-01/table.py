@@ -7,7 +7,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 HERE = Path(__file__).parent
-GROUPS = {"autoencoder, 600 s": ["ae_hf", "ae_bdhf", "ae_adam"],
+GROUPS = {"autoencoder, HF and BDHF 1,800 s, Adam 600 s": ["ae_hf", "ae_bdhf", "ae_adam"],
           "curvature batch, 120 s": [f"curv{n}_{s}" for n in (100, 300, 1000, 3000) for s in ("hf", "bdhf")],
           "seqmnist7 LSTM, 300 s": ["lstm_hf", "lstm_bdhf", "lstm_adam"],
           "cifar10 ResNet (stand-in files), what an update costs": ["cifar_resnet_hf", "cifar_resnet_bdhf", "cifar_resnet_adam"]}
