@@ -133,6 +133,16 @@ def elapsed_ms(work: Callable[[], object], device: torch.device) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
+def print_table(title: str, columns: list[str], rows: list[list[str]], left: int = 1) -> None:
+    """One rich table of formatted rows; the first `left` columns are names, the rest right-aligned figures."""
+    table = Table(title=title)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index < left else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)
+
+
 def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str, float]:
     """Interleaved rounds (gradient, product, CG iterations, CG's vector work), so that load on a
     shared machine hits all of them alike; ratios are medians of per-round ratios."""
@@ -273,15 +283,13 @@ def sgn_measure(model: nn.Module, loss, batch: Batch, device: torch.device, repe
 
 def sgn_table(device: torch.device, scale: float, repeats: int) -> None:
     columns = ["grad_ms", *(f"{kind}_cg{k}" for k in SGN_CG_ITERS for kind in ("update_ms", "ratio"))]
-    table = Table(title="SGN: one update with k CG steps against (1 + k) gradients (ratio = update / (grad·(1+k)); "
-                        "the floor is about 1.3-1.5: a GGN product costs more than a gradient)")
-    table.add_column("workload")
-    for column in columns:
-        table.add_column(column, justify="right")
+    rows = []
     for name, model, loss, batch in sgn_workloads(device, scale):
         row = sgn_measure(model, loss, batch, device, repeats)
-        table.add_row(name, *(f"{row[c]:.2f}" if c.startswith("ratio") else f"{row[c]:.1f}" for c in columns))
-    Console(width=160).print(table)
+        rows.append([name, *(f"{row[c]:.2f}" if c.startswith("ratio") else f"{row[c]:.1f}" for c in columns)])
+    print_table("SGN: one update with k CG steps against (1 + k) gradients (ratio = update / (grad·(1+k)); the "
+                "floor is (1 + k·product/gradient)/(1 + k), about 1.5-1.8 with jvp products)", ["workload", *columns],
+                rows)
 
 
 def bdhf_table(device: torch.device, scale: float, repeats: int) -> list[dict]:
@@ -315,14 +323,10 @@ def bdhf_table(device: torch.device, scale: float, repeats: int) -> list[dict]:
         row["looped/full"] = row["looped_ms"] / row["full_ms"]
         rows.append(row)
     columns = ["blocks", "full_ms", "batched_ms", "looped_ms", "batched/full", "looped/full"]
-    table = Table(title="BDHF: one all-blocks curvature product (one per layer) against one full GGN product")
-    table.add_column("workload")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(row["workload"], *(str(row[c]) if c == "blocks" else f"{row[c]:.2f}" if "/" in c
-                                         else f"{row[c]:.1f}" for c in columns))
-    Console(width=160).print(table)
+    print_table("BDHF: one all-blocks curvature product (one per layer) against one full GGN product",
+                ["workload", *columns],
+                [[row["workload"], *(str(row[c]) if c == "blocks" else f"{row[c]:.2f}" if "/" in c
+                                     else f"{row[c]:.1f}" for c in columns)] for row in rows])
     return rows
 
 
@@ -358,14 +362,10 @@ def data_table(tasks: tuple[str, ...], overrides: tuple[str, ...] = (), batch_si
         rows.append({"task": name, "model": type(model).__name__, "cases": task.train_cases, "startup_s": startup_s,
                      "data_ms": 1000 * data_s, "compute_ms": 1000 * compute_s,
                      "data_share": data_s / (data_s + compute_s)})
-    table = Table(title=f"one epoch of minibatches of {batch_size} on the CPU ({torch.get_num_threads()} threads): "
-                        "data handling vs gradients")
-    for column in ("task", "model", "cases", "startup_s", "data_ms", "compute_ms", "data_share"):
-        table.add_column(column, justify="left" if column in ("task", "model") else "right")
-    for row in rows:
-        table.add_row(row["task"], row["model"], str(row["cases"]), f"{row['startup_s']:.2f}", f"{row['data_ms']:.0f}",
-                      f"{row['compute_ms']:.0f}", f"{row['data_share']:.1%}")
-    Console(width=160).print(table)
+    print_table(f"one epoch of minibatches of {batch_size} on the CPU ({torch.get_num_threads()} threads): data "
+                "handling vs gradients", ["task", "model", "cases", "startup_s", "data_ms", "compute_ms", "data_share"],
+                [[row["task"], row["model"], str(row["cases"]), f"{row['startup_s']:.2f}", f"{row['data_ms']:.0f}",
+                  f"{row['compute_ms']:.0f}", f"{row['data_share']:.1%}"] for row in rows], left=2)
     return rows
 
 
@@ -410,14 +410,12 @@ def peak_memory_mib(steps: int, what: str, jv_method: str = "linearize", structu
 
 
 def memory_table(steps_list: tuple[int, ...] = (100, 200)) -> None:
-    table = Table(title="peak memory growth (MiB), tanh RNN-100, 1000 sequences, model.impl=analytic")
-    for column in ("T", "gradient", "set-up (linearize)", "product (linearize)", "set-up (jvp)", "product (jvp)"):
-        table.add_column(column, justify="right")
-    for steps in steps_list:
-        table.add_row(str(steps), *(f"{peak_memory_mib(steps, what, method, 0.03):.0f}" for what, method in (
-            ("gradient", "jvp"), ("setup", "linearize"), ("product", "linearize"), ("setup", "jvp"),
-            ("product", "jvp"))))
-    Console(width=160).print(table)
+    rows = [[str(steps), *(f"{peak_memory_mib(steps, what, method, 0.03):.0f}" for what, method in (
+        ("gradient", "jvp"), ("setup", "linearize"), ("product", "linearize"), ("setup", "jvp"), ("product", "jvp")))]
+        for steps in steps_list]
+    print_table("peak memory growth (MiB), tanh RNN-100, 1000 sequences, model.impl=analytic",
+                ["T", "gradient", "set-up (linearize)", "product (linearize)", "set-up (jvp)", "product (jvp)"],
+                rows, left=0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -459,16 +457,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     columns = ["grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead", "setup_ms",
                "hf_cg_iters"]
-    table = Table(title=f"hfrun bench on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    table.add_column("workload")
-    for column in columns:
-        table.add_column(column, justify="right")
+    rows = []
     for workload in workloads(device, args.scale):
         row = measure(workload, device, args.repeats)
-        table.add_row(f"{workload.name} ({row['jv_method_used']})", *(f"{row[c]:.1%}" if c == "cg_overhead" else
-                                       f"{row[c]:.2f}" if c == "gvp/grad" else
-                                       f"{row[c]}" if c == "hf_cg_iters" else f"{row[c]:.1f}" for c in columns))
-    Console(width=160).print(table)
+        rows.append([f"{workload.name} ({row['jv_method_used']})", *(f"{row[c]:.1%}" if c == "cg_overhead" else
+                                                                     f"{row[c]:.2f}" if c == "gvp/grad" else
+                                                                     f"{row[c]}" if c == "hf_cg_iters" else
+                                                                     f"{row[c]:.1f}" for c in columns)])
+    print_table(f"hfrun bench on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}",
+                ["workload", *columns], rows)
     sgn_table(device, args.scale, args.repeats)
     bdhf_table(device, args.scale, args.repeats)
 

@@ -70,8 +70,7 @@ class SquaredError:
         return self.scale * ((z - y).square() * _position_weights(z, mask)).sum()
 
     def output_hessian(self, z: Tensor, y: Tensor, mask: Tensor | None = None) -> DiagonalHessian:
-        weights = _position_weights(z, mask).expand_as(z)
-        return DiagonalHessian(weights if self.scale == 0.5 else 2 * self.scale * weights)
+        return DiagonalHessian((2 * self.scale * _position_weights(z, mask)).expand_as(z))
 
     def predict(self, z: Tensor) -> Tensor:
         return z

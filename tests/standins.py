@@ -54,17 +54,24 @@ def cifar_records(count: int, rng: np.random.Generator) -> bytes:
     return b"".join(bytes([int(label)]) + image.tobytes() for image, label in zip(images, labels))
 
 
+def tar_gz_bytes(members: dict[str, bytes]) -> bytes:
+    """A .tar.gz archive holding `members` (name → content)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return buffer.getvalue()
+
+
 def write_cifar_dataset(directory: Path, records_per_file: int = 40, seed: int = 0) -> Path:
     """cifar-10-binary.tar.gz with data_batch_1..5.bin and test_batch.bin, `records_per_file` records each."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     archive = directory / "cifar-10-binary.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for name in [*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin"]:
-            data = cifar_records(records_per_file, rng)
-            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    archive.write_bytes(tar_gz_bytes({f"cifar-10-batches-bin/{name}": cifar_records(records_per_file, rng)
+                                      for name in [*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin"]}))
     return archive
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from hfrun.curvature import CurvatureOperator
 from hfrun.losses import SoftmaxCrossEntropy, SquaredError
 from hfrun.models.lstm import LSTM
 from hfrun.models.mlp import MLP

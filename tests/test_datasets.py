@@ -10,7 +10,6 @@ import io
 import logging
 import os
 import socket
-import tarfile
 import threading
 from pathlib import Path
 
@@ -20,21 +19,13 @@ import torch
 
 from hfrun import datasets as ds
 from hfrun.datasets import DatasetError, DatasetSpec, FileSpec
+from standins import IDX_NAMES, idx_bytes, tar_gz_bytes
 
 N_TRAIN, N_TEST = 6, 4
 REFUSED = "http://127.0.0.1:1/"  # nothing listens on port 1: connection refused at once
 
 
 # ------------------------------------------------------------------------------------------------ file builders
-
-
-def idx_images(images: np.ndarray) -> bytes:
-    n, rows, cols = images.shape
-    return (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, rows, cols)) + images.tobytes()
-
-
-def idx_labels(labels: np.ndarray) -> bytes:
-    return (0x801).to_bytes(4, "big") + len(labels).to_bytes(4, "big") + labels.astype(np.uint8).tobytes()
 
 
 def gz(data: bytes, level: int = 9) -> bytes:
@@ -57,10 +48,8 @@ def mnist_like():
               "train_labels": rng.integers(0, 10, N_TRAIN).astype(np.uint8),
               "test_images": rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8),
               "test_labels": rng.integers(0, 10, N_TEST).astype(np.uint8)}
-    names = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
-    raw = {names[role]: (idx_images(a) if a.ndim == 3 else idx_labels(a)) for role, a in arrays.items()}
-    return {"arrays": arrays, "names": names, "raw": raw}
+    raw = {IDX_NAMES[role]: idx_bytes(array) for role, array in arrays.items()}
+    return {"arrays": arrays, "names": IDX_NAMES, "raw": raw}
 
 
 def idx_spec(data, mirrors, *, content=True, md5s=True, name="tiny") -> DatasetSpec:
@@ -260,7 +249,7 @@ def test_verify_false_uses_a_mismatching_copy_with_a_warning(tmp_path, mnist_lik
     spec, directory = idx_spec(mnist_like, [REFUSED]), write_gzipped_copy(tmp_path, mnist_like)
     mine = mnist_like["arrays"]["train_images"].copy()
     mine[0, 0, 0] ^= 0xFF
-    (directory / "train-images-idx3-ubyte.gz").write_bytes(gz(idx_images(mine)))
+    (directory / "train-images-idx3-ubyte.gz").write_bytes(gz(idx_bytes(mine)))
     with caplog.at_level(logging.WARNING, logger="hfrun.datasets"):
         out = ds.load(spec, tmp_path, download=False, verify=False)
     assert np.array_equal(out["train_images"].numpy(), mine)
@@ -362,11 +351,11 @@ def test_label_out_of_range_and_mismatched_counts(tmp_path, mnist_like):
         (directory / stem).write_bytes(raw)
     labels = mnist_like["arrays"]["test_labels"].copy()
     labels[2] = 10
-    (directory / "t10k-labels-idx1-ubyte").write_bytes(idx_labels(labels))
+    (directory / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
     with pytest.raises(DatasetError, match=r"label 10 at index 2; labels must be 0\.\.9") as caught:
         ds.load(spec, tmp_path, download=False)
     assert "t10k-labels-idx1-ubyte" in str(caught.value)
-    (directory / "t10k-labels-idx1-ubyte").write_bytes(idx_labels(labels[:3] % 10))
+    (directory / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels[:3] % 10))
     with pytest.raises(DatasetError, match="holds 4 images but .* holds 3 labels"):
         ds.load(spec, tmp_path, download=False)
 
@@ -378,16 +367,6 @@ def cifar_records(rng, n):
     return data, pixels, labels
 
 
-def cifar_tar(members: dict[str, bytes], extra: dict[str, bytes] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, body in {**members, **(extra or {})}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(body)
-            tar.addfile(info, io.BytesIO(body))
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def cifar_like():
     rng = np.random.default_rng(1)
@@ -395,7 +374,7 @@ def cifar_like():
     test = cifar_records(rng, 3)
     members = {"cifar-10-batches-bin/data_batch_1.bin": train[0][0], "cifar-10-batches-bin/data_batch_2.bin":
                train[1][0], "cifar-10-batches-bin/test_batch.bin": test[0]}
-    return {"members": members, "archive": cifar_tar(members, {"cifar-10-batches-bin/readme.html": b"hi"}),
+    return {"members": members, "archive": tar_gz_bytes({**members, "cifar-10-batches-bin/readme.html": b"hi"}),
             "train": train, "test": test}
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.autograd.functional import hessian, jacobian
 
-from hfrun.curvature import trainable_parameters
 from hfrun.losses import SoftmaxCrossEntropy, SquaredError
 from hfrun.models.mlp import MLP
 from hfrun.solvers.second_order import LevenbergMarquardt, armijo

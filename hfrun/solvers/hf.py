@@ -55,7 +55,8 @@ from torch import Tensor, nn
 from hfrun.curvature import JV_METHODS, ParamSpec, martens_preconditioner, per_case_gradient_squares, trainable_parameters
 from hfrun.solvers.cg import CGResult, conjugate_gradient
 from hfrun.solvers.second_order import (ChunkedCurvature, ChunkedObjective, LevenbergMarquardt, armijo, draw_chunks,
-                                        leading_cases, quadratic_value, reduction_ratio)
+                                        leading_cases, like_parameters, quadratic_value, reduction_ratio, require,
+                                        set_parameters)
 
 CURVATURES = ("ggn", "hessian")
 PRECONDITIONERS = ("none", "martens")
@@ -83,31 +84,31 @@ class HessianFree:
                  line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60,
                  rho_model: str = "damped", chunk_size: int = 0, warm_start: str = "solution",
                  restart_uphill: bool = False):
-        _check(curvature in CURVATURES, f"solver.curvature must be one of {CURVATURES}, got {curvature!r}")
-        _check(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
-        _check(preconditioner in PRECONDITIONERS,
+        require(curvature in CURVATURES, f"solver.curvature must be one of {CURVATURES}, got {curvature!r}")
+        require(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
+        require(preconditioner in PRECONDITIONERS,
                f"solver.preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
-        _check(rho_model in RHO_MODELS, f"solver.rho_model must be one of {RHO_MODELS}, got {rho_model!r}")
-        _check(warm_start in WARM_STARTS, f"solver.warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
+        require(rho_model in RHO_MODELS, f"solver.rho_model must be one of {RHO_MODELS}, got {rho_model!r}")
+        require(warm_start in WARM_STARTS, f"solver.warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
         for name, value in (("gradient_batch_size", gradient_batch_size), ("cg_max_iters", cg_max_iters)):
-            _check(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
-        _check(0 < damping_min <= initial_damping <= damping_max < math.inf,
+            require(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
+        require(0 < damping_min <= initial_damping <= damping_max < math.inf,
                "solver.damping_min <= solver.initial_damping <= solver.damping_max must hold with all three "
                f"finite and > 0, got {damping_min}, {initial_damping}, {damping_max}")
-        _check(int(stall_updates) >= 1, f"solver.stall_updates must be a positive integer, got {stall_updates}")
-        _check(int(chunk_size) >= 0, f"solver.chunk_size must be >= 0, got {chunk_size}")
+        require(int(stall_updates) >= 1, f"solver.stall_updates must be a positive integer, got {stall_updates}")
+        require(int(chunk_size) >= 0, f"solver.chunk_size must be >= 0, got {chunk_size}")
         for name, value in (("curvature_batch_size", curvature_batch_size),
                             ("backtrack_batch_size", backtrack_batch_size)):
-            _check(value is None or int(value) >= 0, f"solver.{name} must be >= 0 (0 or null: the default), "
+            require(value is None or int(value) >= 0, f"solver.{name} must be >= 0 (0 or null: the default), "
                    f"got {value}")
-        _check(0 < line_search_c < 1, f"solver.line_search_c must be in (0, 1), got {line_search_c}")
-        _check(0 < line_search_shrink < 1, f"solver.line_search_shrink must be in (0, 1), got {line_search_shrink}")
-        _check(int(max_line_search) >= 0, f"solver.max_line_search must be >= 0, got {max_line_search}")
+        require(0 < line_search_c < 1, f"solver.line_search_c must be in (0, 1), got {line_search_c}")
+        require(0 < line_search_shrink < 1, f"solver.line_search_shrink must be in (0, 1), got {line_search_shrink}")
+        require(int(max_line_search) >= 0, f"solver.max_line_search must be >= 0, got {max_line_search}")
         for name, value in (("structural_damping", structural_damping),
                             ("weight_cost", weight_cost), ("cg_tol", cg_tol)):
-            _check(value >= 0, f"solver.{name} must be >= 0, got {value}")
-        _check(0 <= cg_decay <= 1, f"solver.cg_decay must be in [0, 1], got {cg_decay}")
-        _check(0 <= preconditioner_exponent < math.inf,
+            require(value >= 0, f"solver.{name} must be >= 0, got {value}")
+        require(0 <= cg_decay <= 1, f"solver.cg_decay must be in [0, 1], got {cg_decay}")
+        require(0 <= preconditioner_exponent < math.inf,
                f"solver.preconditioner_exponent must be finite and >= 0, got {preconditioner_exponent}")
         self.model, self.loss = model, loss
         self.gradient_batch_size = int(gradient_batch_size)
@@ -115,7 +116,7 @@ class HessianFree:
         self.backtrack_batch_size = int(backtrack_batch_size or 0)  # 0: backtrack on the gradient batch
         self.curvature, self.jv_method, self.structural_damping = curvature, jv_method, float(structural_damping)
         self.cg_max_iters, self.cg_tol = int(cg_max_iters), float(cg_tol)
-        self.cg_decay, self.weight_cost, self.damping_min = float(cg_decay), float(weight_cost), float(damping_min)
+        self.cg_decay, self.weight_cost = float(cg_decay), float(weight_cost)
         self.preconditioner, self.preconditioner_exponent = preconditioner, float(preconditioner_exponent)
         self.line_search_c, self.line_search_shrink = float(line_search_c), float(line_search_shrink)
         self.max_line_search = int(max_line_search)
@@ -192,10 +193,7 @@ class HessianFree:
             float(gradient.dot(direction)), objective_after, c=self.line_search_c, shrink=self.line_search_shrink,
             max_tries=self.max_line_search)
         self.warm_start = self._next_warm_start(cg.solution, step_size, direction)
-        with torch.no_grad():
-            new_theta = theta + step_size * direction
-            for p, value in zip(trainable_parameters(self.model).values(), self.spec.unflatten(new_theta).values()):
-                p.copy_(value)
+        set_parameters(self.model, self.spec, theta + step_size * direction)
         time_line_search = time.perf_counter() - clock
         # Forward-only evaluations (backtracking, line search) are not counted as examples, as in M&S 2011.
         stats = {
@@ -255,13 +253,4 @@ class HessianFree:
 
     def load_state_dict(self, state: dict) -> None:
         self.levenberg_marquardt.load_state_dict(state)
-        warm_start = state["warm_start"]
-        if warm_start is not None:
-            reference = next(self.model.parameters())
-            warm_start = warm_start.to(reference.device, reference.dtype)
-        self.warm_start = warm_start
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+        self.warm_start = like_parameters(self.model, state["warm_start"])

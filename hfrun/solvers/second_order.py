@@ -24,7 +24,28 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hfrun.curvature import CurvatureOperator, ParamSpec
+from hfrun.curvature import CurvatureOperator, ParamSpec, trainable_parameters
+
+
+def require(condition: bool, message: str) -> None:
+    """A solver option check: ValueError(message) unless condition (the engine shows it as one paragraph)."""
+    if not condition:
+        raise ValueError(message)
+
+
+@torch.no_grad()
+def set_parameters(model: nn.Module, spec: ParamSpec, theta: Tensor) -> None:
+    """Write the flat vector θ into the model's trainable parameters."""
+    for p, value in zip(trainable_parameters(model).values(), spec.unflatten(theta).values()):
+        p.copy_(value)
+
+
+def like_parameters(model: nn.Module, tensor: Tensor | None) -> Tensor | None:
+    """A checkpointed solver vector (warm start, momentum) on the model's device and dtype; None stays None."""
+    if tensor is None:
+        return None
+    reference = next(model.parameters())
+    return tensor.to(reference.device, reference.dtype)
 
 
 def draw_chunks(stream, size: int, chunk_size: int = 0) -> list:

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from hfrun.curvature import JV_METHODS, ParamSpec, trainable_parameters
 from hfrun.solvers.cg import conjugate_gradient
-from hfrun.solvers.second_order import ChunkedCurvature, ChunkedObjective, LevenbergMarquardt, armijo, reduction_ratio
+from hfrun.solvers.second_order import (ChunkedCurvature, ChunkedObjective, LevenbergMarquardt, armijo, like_parameters,
+                                        reduction_ratio, require, set_parameters)
 
 DAMPING_SCHEDULES = ("const", "linear", "cos")
 PRECONDITIONERS = ("none", "gradient")
@@ -63,27 +64,27 @@ class SGN:
                  reject_uphill: bool = False, guard_ratio: bool = False, momentum: float = 0.0,
                  preconditioner: str = "none", preconditioner_exponent: float = 1.0, jv_method: str = "jvp",
                  weight_cost: float = 0.0):
-        _check(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
-        _check(damping_schedule in DAMPING_SCHEDULES,
+        require(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
+        require(damping_schedule in DAMPING_SCHEDULES,
                f"solver.damping_schedule must be one of {DAMPING_SCHEDULES}, got {damping_schedule!r}")
-        _check(preconditioner in PRECONDITIONERS,
+        require(preconditioner in PRECONDITIONERS,
                f"solver.preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
         for name, value in (("batch_size", batch_size), ("cg_max_iters", cg_max_iters),
                             ("cg_warmup_iters", cg_warmup_iters), ("damping_schedule_updates", damping_schedule_updates)):
-            _check(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
-        _check(int(cg_warmup_updates) >= 0 and int(max_line_search) >= 0,
+            require(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
+        require(int(cg_warmup_updates) >= 0 and int(max_line_search) >= 0,
                f"solver.cg_warmup_updates and solver.max_line_search must be >= 0, got {cg_warmup_updates}, "
                f"{max_line_search}")
-        _check(0 <= damping_min <= initial_damping < math.inf,
+        require(0 <= damping_min <= initial_damping < math.inf,
                f"0 <= solver.damping_min <= solver.initial_damping < inf must hold, got {damping_min}, {initial_damping}")
-        _check(0 <= cg_tol < math.inf and 0 <= weight_cost < math.inf,
+        require(0 <= cg_tol < math.inf and 0 <= weight_cost < math.inf,
                f"solver.cg_tol and solver.weight_cost must be finite and >= 0, got {cg_tol}, {weight_cost}")
-        _check(0 < line_search_c < 1 and 0 < line_search_shrink < 1,
+        require(0 < line_search_c < 1 and 0 < line_search_shrink < 1,
                f"solver.line_search_c and solver.line_search_shrink must be in (0, 1), got {line_search_c}, "
                f"{line_search_shrink}")
-        _check(0 < step_size < math.inf, f"solver.step_size must be finite and > 0, got {step_size}")
-        _check(0 <= momentum < 1, f"solver.momentum must be in [0, 1), got {momentum}")
-        _check(0 <= preconditioner_exponent <= 1,
+        require(0 < step_size < math.inf, f"solver.step_size must be finite and > 0, got {step_size}")
+        require(0 <= momentum < 1, f"solver.momentum must be in [0, 1), got {momentum}")
+        require(0 <= preconditioner_exponent <= 1,
                f"solver.preconditioner_exponent must be in [0, 1], got {preconditioner_exponent}")
         self.model, self.loss = model, loss
         self.batch_size, self.jv_method = int(batch_size), jv_method
@@ -152,10 +153,7 @@ class SGN:
                                            fixed_threshold=True, reject=self.reject_uphill)
         elif self.reject_uphill and not loss_after < loss_before:
             step_size, loss_after = 0.0, loss_before
-        with torch.no_grad():
-            new_theta = theta + step_size * direction
-            for p, value in zip(trainable_parameters(self.model).values(), self.spec.unflatten(new_theta).values()):
-                p.copy_(value)
+        set_parameters(self.model, self.spec, theta + step_size * direction)
         time_line_search = time.perf_counter() - clock
         return {"loss": loss, "objective": loss_before, "lambda": damping, "rho": ratio, "cg_iters": cg.iterations,
                 "q_reduction": -model_reduction, "actual_reduction": loss_before - value_at_first,
@@ -186,11 +184,7 @@ class SGN:
     def load_state_dict(self, state: dict) -> None:
         self.levenberg_marquardt.load_state_dict(state)
         self.updates = int(state["updates"])
-        buffer = state["momentum_buffer"]
-        if buffer is not None:
-            reference = next(self.model.parameters())
-            buffer = buffer.to(reference.device, reference.dtype)
-        self.momentum_buffer = buffer
+        self.momentum_buffer = like_parameters(self.model, state["momentum_buffer"])
 
 
 def scheduled_damping(schedule: str, initial: float, minimum: float, update: int, updates: int) -> float:
@@ -203,8 +197,3 @@ def scheduled_damping(schedule: str, initial: float, minimum: float, update: int
         return max(initial + slope * (update - 1), minimum)
     value = initial * math.cos(math.pi / 2 * (update / updates))
     return minimum if value < minimum or update > updates else value
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
