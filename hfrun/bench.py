@@ -2,22 +2,29 @@
 
 One process, one device, side by side. Per workload:
   grad_ms       one gradient of the batch loss (forward + backward)
-  setup_ms      the per-batch work a curvature operator caches once: the primal pass, the vjp
-                closure and, for jv_method=linearize, the traced tangent pass and its check
+  trace_ms      the first set-up on a batch shape: for jv_method=traced it includes the trace (paid once
+                per model and shape) and its check
+  setup_ms      the per-batch work a curvature operator caches once, later batches of the same shape:
+                the primal half of a traced product; the primal pass and vjp closure for jvp; the
+                trace for linearize (every batch)
   gvp_ms        one GGN-vector product with the batch's primal work cached
   cg_iter_ms    one CG iteration (a product plus CG's vector work)
-  hf_update_ms  one full HF update (gradient, setup, CG, backtracking, line search) with up to 50
-                CG iterations and λ = 1e-4; hf_cg_iters says how many CG ran before the residual
-                vanished (the autoencoder on random images at initialization: about 10)
-  gvp/grad      target ≤ 1.5 (ideal ≈ 4/3: a tangent pass plus a backward, against forward plus backward)
+  hf10_ms       one full HF update (gradient, set-up, 10 CG iterations, backtracking, line search),
+                λ = 1e-4; hf_cg_iters says how many CG ran before the residual vanished (the
+                autoencoder on random images at initialization: about 8)
+  peer10_ms     the same update as a user would write it with torch.func and no trace, on the same
+                model and batch: gradient, 10 CG iterations with jvp products through the vjp closure
+                cached for the batch, the loss at the new point (`reference_hf_update`)
+  gvp/grad      a product against a gradient
   cg_overhead   CG's vector work (the same iterations with a trivial product) as a fraction
                 of a product; target < 5%
 Times are medians of interleaved rounds after warm-up, with float32 denormals
 flushed to zero on the CPU and glibc's malloc keeping freed memory (as in a run; --system-allocator
 leaves it as it is). The RNN rows are held against a plain-loop RNN under autograd, the last row.
 
-A second table times one SGN update with k = 3 and 10 CG steps on the SGN release's MNIST and sine MLPs
-(batch 1000) against (1 + k) gradients; a third times block-diagonal HF's all-blocks product (one block per
+A second table times the RNN's gradient against the plain loop's, with and without the pre-activations that
+structural damping needs. A third times one SGN update with k = 3 and 10 CG steps on the SGN release's MNIST and sine MLPs
+(batch 1000) against (1 + k) gradients; a fourth times block-diagonal HF's all-blocks product (one block per
 layer, batched through vmap or one block at a time) against one full GGN product. `--data` instead splits an epoch of the data-set tasks into data
 handling and gradients; `--task` and `--memory` are described under --help.
 """
@@ -34,6 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from torch.func import functional_call, grad, jvp, vjp
 
 from hfrun.allocator import keep_freed_memory
 from hfrun.curvature import CurvatureOperator
@@ -45,9 +53,10 @@ from hfrun.solvers.cg import conjugate_gradient
 from hfrun.solvers.hf import HessianFree
 from hfrun.tasks.base import Batch
 
-HF_CG_ITERS = 50
+HF_CG_ITERS = 10
 HF_DAMPING = 1e-4
 SETUP_REPEATS = 3
+UPDATE_REPEATS = 5
 
 
 @dataclass
@@ -81,24 +90,25 @@ def workloads(device: torch.device, scale: float) -> list[Workload]:
     autoencoder = Autoencoder(784).to(device)
     image_batch = Batch(images, (images > 0.5).float())
     rows = []
-    for jv_method in ("linearize", "jvp", "double_vjp"):
+    for jv_method in ("traced", "linearize", "jvp", "double_vjp"):
         rows.append(Workload("MLP 784-256-256-10, B5000", mlp, SoftmaxCrossEntropy(), mlp_batch, jv_method))
-    for jv_method in ("linearize", "jvp", "double_vjp"):
+    for jv_method in ("traced", "jvp", "double_vjp"):
         rows.append(Workload("autoencoder 784-…-30-…-784, B1000", autoencoder, SigmoidCrossEntropy(), image_batch,
                              jv_method))
     rows.append(Workload("tanh RNN-100 T100 B1000, nn.RNN", RNN(2, 1, impl="fused").to(device), SquaredError(),
-                         rnn_batch))
+                         rnn_batch, "traced"))
     rnn_loop = RNN(2, 1, impl="loop").to(device)
-    for jv_method in ("linearize", "jvp"):
-        rows.append(Workload("tanh RNN-100 T100 B1000, loop", rnn_loop, SquaredError(), rnn_batch, jv_method))
+    rows.append(Workload("tanh RNN-100 T100 B1000, loop", rnn_loop, SquaredError(), rnn_batch, "traced"))
     rnn_analytic = RNN(2, 1, impl="analytic").to(device)
     rnn_analytic.load_state_dict(rnn_loop.state_dict())
-    for jv_method in ("linearize", "jvp", "double_vjp"):
+    for jv_method in ("traced", "linearize", "jvp", "double_vjp"):
         rows.append(Workload("tanh RNN-100 T100 B1000, analytic", rnn_analytic, SquaredError(), rnn_batch,
                              jv_method))
     # The reference the RNN rows are held against: the plain loop a user would write, under autograd.
-    rows.append(Workload("tanh RNN-100 T100 B1000, plain-loop reference", PlainLoopRNN(2, 100, 1).to(device),
-                         SquaredError(), rnn_batch, "jvp"))
+    plain_loop = PlainLoopRNN(2, 100, 1).to(device)
+    for jv_method in ("traced", "jvp"):
+        rows.append(Workload("tanh RNN-100 T100 B1000, plain-loop model", plain_loop, SquaredError(), rnn_batch,
+                             jv_method))
     return rows
 
 
@@ -156,6 +166,7 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
     def setup():
         return CurvatureOperator(model, loss, batch, damping=1.0, jv_method=workload.jv_method)
 
+    trace_ms = elapsed_ms(setup, device)
     operator = setup()
     setup_ms = statistics.median(elapsed_ms(setup, device) for _ in range(SETUP_REPEATS))
     vector = torch.randn(operator.num_params, device=device)
@@ -167,8 +178,7 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
 
     # CG's own vector work: the same iterations with a product that costs one scaled copy.
     vector_work = cg_with(lambda v: v * 2.0)
-    # λ small, so that CG does not converge (residual below float precision) long before 50 iterations,
-    # as it does at λ = 1 on these random problems.
+    # λ small, so that CG does not converge (residual below float precision) before its last iteration.
     solver = HessianFree(model, loss, gradient_batch_size=batch.size, cg_max_iters=HF_CG_ITERS, cg_tol=0.0,
                          initial_damping=HF_DAMPING, preconditioner="none", jv_method=workload.jv_method)
     stream = FixedBatch(batch)
@@ -183,19 +193,68 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
         rounds.append({"grad_ms": grad_ms, "gvp_ms": gvp_ms, "cg_iter_ms": cg_iter_ms,
                        "gvp/grad": gvp_ms / grad_ms, "cg_overhead": vector_ms / gvp_ms})
     row = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    row["setup_ms"], row["jv_method_used"] = setup_ms, operator.jv_method_used
+    row["trace_ms"], row["setup_ms"], row["jv_method_used"] = trace_ms, setup_ms, operator.jv_method_used
     solver.step(stream)  # warm-up of the solver's own path
-    stats = {}
-    row["hf_update_ms"] = elapsed_ms(lambda: stats.update(solver.step(stream)), device)
+    reference_hf_update(model, loss, batch)
+    update_rounds, stats = [], {}
+    for _ in range(UPDATE_REPEATS):  # interleaved with the peer's update on the same model and batch
+        hf10_ms = elapsed_ms(lambda: stats.update(solver.step(stream)), device)
+        peer10_ms = elapsed_ms(lambda: reference_hf_update(model, loss, batch), device)
+        update_rounds.append({"hf10_ms": hf10_ms, "peer10_ms": peer10_ms, "hf10/peer": hf10_ms / peer10_ms})
+    row.update({key: statistics.median(r[key] for r in update_rounds) for key in update_rounds[0]})
     row["hf_cg_iters"] = stats["cg_iters"]
     return row
+
+
+def reference_hf_update(model: nn.Module, loss: Callable, batch: Batch, cg_iters: int = HF_CG_ITERS,
+                        damping: float = HF_DAMPING) -> float:
+    """The peer hfrun's update is held against: one HF update as a user would write it with torch.func,
+    no trace. The gradient and the vjp closure from one forward pass; CG on (G + λI) d = −g from d = 0,
+    each product Jᵀ(H_L(J v)) + λv with J v by jvp (which reruns the forward pass) and Jᵀ through the
+    cached closure; then the loss at θ + d. Returns that loss; leaves the model as it was."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def forward(params):
+        return functional_call(model, params, (batch.inputs,))
+
+    def flat(tensors):
+        return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+    def unflat(vector):
+        return {name: chunk.view_as(p) for (name, p), chunk in
+                zip(params.items(), vector.split([p.numel() for p in params.values()]))}
+
+    z, vjp_fn = vjp(forward, params)
+    output_gradient = grad(lambda z: loss(z, batch.targets, batch.mask))(z)
+    gradient = flat(vjp_fn(output_gradient)[0])
+    hessian = loss.output_hessian(z, batch.targets, batch.mask)
+
+    def product(v):
+        _, jv = jvp(forward, (params,), (unflat(v),))
+        return flat(vjp_fn(hessian.mv(jv))[0]) + damping * v
+
+    direction, residual = torch.zeros_like(gradient), -gradient
+    search = residual.clone()
+    residual_norm = residual.dot(residual)
+    for _ in range(cg_iters):
+        curvature_search = product(search)
+        step = residual_norm / search.dot(curvature_search)
+        direction += step * search
+        residual -= step * curvature_search
+        new_norm = residual.dot(residual)
+        search = residual + (new_norm / residual_norm) * search
+        residual_norm = new_norm
+    new_params = {name: p + d for (name, p), d in zip(params.items(), unflat(direction).values())}
+    with torch.no_grad():
+        return float(loss(functional_call(model, new_params, (batch.inputs,)), batch.targets, batch.mask))
 
 
 def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
                     values: tuple[str, ...] = ("jvp", "linearize")) -> dict[str, dict[str, float]]:
     """HF updates on a configured task (its own solver hints) under each value of one config key (e.g.
     solver.jv_method or model.impl), each from the same model, solver and data-stream state in turn, so all
-    see the same batches; prints per-update times, totals and ms per 1000-sequence minibatch."""
+    see the same batches; prints per-update times, totals and ms per 1000-sequence minibatch, with and without
+    the time spent tracing products for new batch shapes (paid once per shape in a run)."""
     from hydra import compose, initialize_config_dir
 
     from hfrun.config import CONFIG_DIR
@@ -213,7 +272,7 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
     first = runs[values[0]]
     for model, _, _ in runs.values():  # the same weights whatever the key changes
         model.load_state_dict(first[0].state_dict())
-    totals = {value: {"update_s": 0.0, "cg_s": 0.0, "examples": 0} for value in values}
+    totals = {value: {"update_s": 0.0, "cg_s": 0.0, "trace_s": 0.0, "examples": 0} for value in values}
     for update in range(updates):
         start_state = copy.deepcopy((first[0].state_dict(), first[1].state_dict(), first[2].state_dict()))
         for value in (values if update % 2 == 0 else values[::-1]):
@@ -225,6 +284,7 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
             stats = solver.step(stream)
             totals[value]["update_s"] += time.perf_counter() - start
             totals[value]["cg_s"] += stats["time_cg_s"]
+            totals[value]["trace_s"] += stats.get("time_trace_s", 0.0)
             totals[value]["examples"] += stats["examples_grad"] + stats["examples_curv"]
         for value in values[1:]:  # every run continues from the first value's state, so all see one path
             runs[value][0].load_state_dict(first[0].state_dict())
@@ -232,11 +292,59 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
     base = totals[values[0]]
     for value in values:
         total = totals[value]
-        per_minibatch = 1000 * total["update_s"] / (total["examples"] / 1000)
+        minibatches = total["examples"] / 1000
+        per_minibatch = 1000 * total["update_s"] / minibatches
+        untraced = 1000 * (total["update_s"] - total["trace_s"]) / minibatches
         print(f"{key}={value:>10}: updates {total['update_s']:.1f} s ({total['update_s'] / base['update_s']:.2f}x), "
               f"CG {total['cg_s']:.1f} s ({total['cg_s'] / base['cg_s']:.2f}x), "
-              f"{per_minibatch:.0f} ms per 1000-sequence minibatch")
+              f"{per_minibatch:.0f} ms per 1000-sequence minibatch; tracing new shapes {total['trace_s']:.1f} s, "
+              f"{untraced:.0f} ms per minibatch without it")
     return totals
+
+
+def rnn_gradient_table(device: torch.device, scale: float, repeats: int) -> dict[str, float]:
+    """The RNN gradient of each implementation against the plain loop's, in interleaved rounds (T = 100, 1000
+    sequences, loss on the last step): hfrun's RNN as is, with its pre-activations kept for structural damping
+    (the loss plus μ·Σ tanh-matching term needs them), and model.impl=loop. Ratios are medians of per-round
+    ratios to the plain loop."""
+    cases = max(2, int(1000 * scale))
+    inputs = torch.randn(cases, 100, 2, device=device)
+    targets = torch.randn(cases, 100, 1, device=device)
+    mask = torch.zeros(cases, 100, device=device)
+    mask[:, -1] = 1
+    loss = SquaredError()
+    plain = PlainLoopRNN(2, 100, 1).to(device)
+    analytic, loop = RNN(2, 1).to(device), RNN(2, 1, impl="loop").to(device)
+
+    def gradient_of(model, with_preactivations=False):
+        params = list(model.parameters())
+
+        def work():
+            if with_preactivations:
+                z, a = model.forward_with_preactivations(inputs)
+                value = loss(z, targets, mask) + 1e-3 * a.square().mean()
+            else:
+                value = loss(model(inputs), targets, mask)
+            return torch.autograd.grad(value, params)
+        return work
+
+    works = {"plain loop": gradient_of(plain), "analytic": gradient_of(analytic),
+             "analytic, with pre-activations": gradient_of(analytic, True), "loop": gradient_of(loop),
+             "loop, with pre-activations": gradient_of(loop, True)}
+    for work in works.values():
+        work()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in works}
+    ratios: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeats):
+        round_ms = {name: elapsed_ms(work, device) for name, work in works.items()}
+        for name, ms in round_ms.items():
+            times[name].append(ms)
+            ratios[name].append(ms / round_ms["plain loop"])
+    result = {name: statistics.median(ratios[name]) for name in works}
+    print_table("tanh RNN-100 gradient, T100 B1000, against the plain loop under autograd (interleaved rounds)",
+                ["model", "grad_ms", "/ plain loop"],
+                [[name, f"{statistics.median(times[name]):.1f}", f"{result[name]:.2f}"] for name in works])
+    return result
 
 
 SGN_CG_ITERS = (3, 10)
@@ -398,7 +506,7 @@ print(peak() - before)
 """
 
 
-def peak_memory_mib(steps: int, what: str, jv_method: str = "linearize", structural_damping: float = 0.0) -> float:
+def peak_memory_mib(steps: int, what: str, jv_method: str = "traced", structural_damping: float = 0.0) -> float:
     """Growth of the peak resident memory (MiB) of a fresh process over one gradient, one curvature
     operator's set-up, or one product after set-up, for the tanh RNN-100 on 1000 sequences of `steps`
     steps (ru_maxrss: the process keeps freed memory, so its peak is what the work needed at once)."""
@@ -411,11 +519,11 @@ def peak_memory_mib(steps: int, what: str, jv_method: str = "linearize", structu
 
 def memory_table(steps_list: tuple[int, ...] = (100, 200)) -> None:
     rows = [[str(steps), *(f"{peak_memory_mib(steps, what, method, 0.03):.0f}" for what, method in (
-        ("gradient", "jvp"), ("setup", "linearize"), ("product", "linearize"), ("setup", "jvp"), ("product", "jvp")))]
-        for steps in steps_list]
-    print_table("peak memory growth (MiB), tanh RNN-100, 1000 sequences, model.impl=analytic",
-                ["T", "gradient", "set-up (linearize)", "product (linearize)", "set-up (jvp)", "product (jvp)"],
-                rows, left=0)
+        ("gradient", "jvp"), ("setup", "traced"), ("product", "traced"), ("setup", "linearize"),
+        ("product", "linearize"), ("setup", "jvp"), ("product", "jvp")))] for steps in steps_list]
+    print_table("peak memory growth (MiB), tanh RNN-100, 1000 sequences, model.impl=analytic, structural damping",
+                ["T", "gradient", "set-up (traced)", "product (traced)", "set-up (linearize)", "product (linearize)",
+                 "set-up (jvp)", "product (jvp)"], rows, left=0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -425,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every batch size (smoke tests)")
     parser.add_argument("--task", help="instead of the table: time HF updates on this task (e.g. addition_T30) "
                                        "under each value of --compare, from the same states")
-    parser.add_argument("--compare", default="solver.jv_method=jvp,linearize", metavar="KEY=V1,V2",
+    parser.add_argument("--compare", default="solver.jv_method=jvp,traced", metavar="KEY=V1,V2",
                         help="with --task: the config key and values to compare (e.g. model.impl=loop,analytic)")
     parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
     parser.add_argument("--memory", action="store_true",
@@ -455,17 +563,18 @@ def main(argv: list[str] | None = None) -> None:
         key, _, values = args.compare.partition("=")
         compare_on_task(args.task, args.updates, key, tuple(values.split(",")))
         return
-    columns = ["grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead", "setup_ms",
-               "hf_cg_iters"]
+    columns = ["grad_ms", "gvp_ms", "gvp/grad", "cg_iter_ms", "cg_overhead", "setup_ms", "trace_ms", "hf10_ms",
+               "peer10_ms", "hf10/peer", "hf_cg_iters"]
     rows = []
     for workload in workloads(device, args.scale):
         row = measure(workload, device, args.repeats)
         rows.append([f"{workload.name} ({row['jv_method_used']})", *(f"{row[c]:.1%}" if c == "cg_overhead" else
-                                                                     f"{row[c]:.2f}" if c == "gvp/grad" else
+                                                                     f"{row[c]:.2f}" if "/" in c else
                                                                      f"{row[c]}" if c == "hf_cg_iters" else
                                                                      f"{row[c]:.1f}" for c in columns)])
     print_table(f"hfrun bench on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}",
                 ["workload", *columns], rows)
+    rnn_gradient_table(device, args.scale, args.repeats)
     sgn_table(device, args.scale, args.repeats)
     bdhf_table(device, args.scale, args.repeats)
 

@@ -15,26 +15,35 @@ where
     H_S = diag(1 − tanh(a)²)/B, per-case normalised like the main loss. It
     needs the model to expose `forward_with_preactivations(x) -> (z, a)`.
 
-Gv costs a Jv product and one reverse pass (Jᵀu) with the vjp closure cached at
-construction: of the order of one gradient (M&S 2011 §3.1). Jv comes from
-  - "jvp" (default): forward-mode AD, which reruns the primal forward pass
-    alongside the tangents in every product; nothing is built per batch;
-  - "linearize": `torch.func.linearize` traces the forward-mode pass once per
-    batch and keeps the primal intermediates, so each product runs only the
-    tangent half (1.1–1.4 gradients instead of 1.7–1.9 in `make bench`). The
-    trace costs about a second or more on the CPU whatever the batch size, so
-    it pays off at tens of products on large batches. Every trace is checked
-    against jvp; a model it cannot trace, or whose traced products disagree,
-    falls back to "jvp", logged once;
-  - "double_vjp": the vjp of the linear map u ↦ Jᵀu, built once per batch. On
-    the CPU (torch 2.13) it is as cheap as "linearize" for feed-forward nets
-    but an order of magnitude slower through a recurrence, whose per-step
-    slicing has costly second derivatives.
+Gv costs a Jv product and one reverse pass (Jᵀu): of the order of one gradient
+(M&S 2011 §3.1). `jv_method` picks how:
+  - "traced": the whole product is traced once per model, loss and batch shape
+    (hfrun/traced.py); per batch, its primal half runs once (about a forward
+    pass), and each product runs only its tangent half: a tangent pass and a
+    backward pass over the cached forward, the physical floor. Every new trace
+    is checked against the untraced product; a model that cannot be traced, or
+    whose trace disagrees, uses "jvp" (logged once). It serves the Hessian too
+    (the tangent half of forward-over-reverse);
+  - "compiled": "traced" with the tangent half compiled by torch.compile's
+    inductor at its first call per shape: products about 30% faster on the
+    RNN, but a minute of compilation per batch shape on the CPU;
+  - "auto" (the default): "traced", falling back to "jvp" without a warning;
+  - "jvp": forward-mode AD, which reruns the primal forward pass alongside the
+    tangents in every product, with the vjp closure cached per batch; nothing
+    is traced;
+  - "linearize": `torch.func.linearize`, which traces the forward-mode pass
+    again for every batch (seconds for a 100-step RNN) and then runs only its
+    tangent half. Kept for comparison; every trace is checked against jvp;
+  - "double_vjp": the vjp of the linear map u ↦ Jᵀu, built once per batch.
+    As cheap as a traced product on feed-forward nets, but several times
+    slower through a recurrence, whose per-step slicing has costly second
+    derivatives.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 import weakref
 from typing import Callable, Iterable, Mapping
@@ -44,11 +53,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, linearize, vjp, vmap
 
 from hfrun.tasks.base import Batch
+from hfrun.traced import TracedProduct, cached_trace, forget_trace, tensor_key, trace_product
 
 log = logging.getLogger(__name__)
 
 CURVATURES = ("ggn", "hessian")
-JV_METHODS = ("linearize", "jvp", "double_vjp")
+JV_METHODS = ("auto", "traced", "compiled", "linearize", "jvp", "double_vjp")
 
 # Cap on the per-case gradients held at once by `per_case_gradient_squares`: cases × parameters.
 PER_CASE_GRADIENT_ELEMENTS = 2**24
@@ -61,6 +71,7 @@ _MODELS_WITHOUT_LINEARIZE: weakref.WeakSet = weakref.WeakSet()
 PROBE_SEED = 20110628  # the probes that check a linearize trace (any fixed seed)
 NON_FINITE_PROBE = "jvp's own product of the probe is not finite"
 _ALREADY_LOGGED: set[str] = set()
+TRACED_METHODS = ("auto", "traced", "compiled")
 
 
 def _log_once(key: str, level: int, message: str, *args) -> None:
@@ -124,6 +135,10 @@ class _PreactivationForward(nn.Module):
         return self.model.forward_with_preactivations(x)
 
 
+class _TraceCheckFailed(Exception):
+    """A traced product that could not be built or does not match the untraced one."""
+
+
 class CurvatureOperator:
     """v ↦ (C + λI + μλ·G_S) v on one batch, at the model's parameters when constructed.
 
@@ -131,12 +146,12 @@ class CurvatureOperator:
     primal work is done once here: outputs, the vjp closure, the loss-Hessian
     factors. `damping` (λ) may be changed between products; `structural_damping`
     (μ) is fixed, and 0 when the model has no `forward_with_preactivations`.
-    `jv_method` ("jvp", "linearize" or "double_vjp") picks how the GGN gets Jv;
+    `jv_method` (hfrun.curvature.JV_METHODS, see the module docstring) picks how products are computed;
     `jv_method_used` says which one the products use after any fallback.
     """
 
     def __init__(self, model: nn.Module, loss: Callable, batch: Batch, damping: float = 0.0,
-                 structural_damping: float = 0.0, curvature: str = "ggn", jv_method: str = "jvp"):
+                 structural_damping: float = 0.0, curvature: str = "ggn", jv_method: str = "auto"):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature={curvature!r} is unknown; choose one of {list(CURVATURES)}")
         if jv_method not in JV_METHODS:
@@ -185,6 +200,18 @@ class CurvatureOperator:
         return self.loss(z, self.batch.targets, self.batch.mask)
 
     def _cache_primal(self) -> None:
+        self.trace_seconds = 0.0  # time spent tracing (and checking) a new product for this batch shape
+        self._gradient = None
+        self._vjp_fn = None
+        self._linearized = None
+        self._traced = self._prepare_traced() if self.jv_method in TRACED_METHODS else None
+        if self._traced is not None:
+            self.jv_method_used = "compiled" if self.jv_method == "compiled" else "traced"
+        else:
+            self._cache_untraced()
+
+    def _cache_untraced(self) -> None:
+        """The primal work of the untraced products: outputs, the vjp closure, the loss-Hessian factors."""
         outputs, self._vjp_fn = vjp(self._forward, self.params)
         z = outputs[0]
         output_gradient, loss_value = grad_and_value(self._batch_loss)(z)
@@ -195,17 +222,154 @@ class CurvatureOperator:
         if self._structural_damping > 0:
             tanh_a = torch.tanh(outputs[1])
             self._tanh_hessian = (1 - tanh_a * tanh_a) / z.shape[0]
-        self._gradient = None
-        self._linearized = None
         if self.curvature == "ggn" and self.jv_method == "linearize" and self.model not in _MODELS_WITHOUT_LINEARIZE:
             self._linearized = self._linearize()
         self.jv_method_used = ("linearize" if self._linearized is not None else
-                               "jvp" if self.jv_method == "linearize" or self.curvature == "hessian"
-                               else self.jv_method)
-        if self.curvature == "ggn" and self.jv_method == "double_vjp":
+                               "double_vjp" if self.jv_method == "double_vjp" and self.curvature == "ggn"
+                               else "jvp")
+        if self.jv_method_used == "double_vjp":
             # u ↦ Jᵀu is linear, so its vjp at any u maps v ↦ Jv; at u = ∇_z L its value is the gradient.
             (gradient,), self._jv_by_double_vjp = vjp(self._vjp_fn, self._gradient_cotangents)
             self._gradient = self.spec.flatten(gradient)
+
+    # ---- jv_method "auto", "traced" and "compiled" (hfrun/traced.py) ----
+
+    def _fixed_inputs(self) -> list[Tensor]:
+        """The traced product's fixed inputs: parameters, buffers, inputs, targets and the mask if any."""
+        batch = self.batch
+        return [*self.params.values(), *self._buffers.values(), batch.inputs, batch.targets,
+                *(() if batch.mask is None else (batch.mask,))]
+
+    def _trace_key(self, fixed: list[Tensor]) -> tuple:
+        return (self.loss, self.curvature, self.jv_method == "compiled", self._structural_damping > 0,
+                self._context is _fused_kernels_off,
+                self.model.training, self.spec.names, tuple(self._buffers), self.batch.mask is None,
+                tensor_key(fixed))
+
+    def _prepare_traced(self) -> tuple[TracedProduct, tuple[Tensor, ...]] | None:
+        """(the traced product, this batch's cached primal values), or None: the products then use jvp.
+
+        A new trace is checked once against the untraced product; a failure is remembered for the key
+        (model, loss, shapes, ...), logged once per model type, and not tried again."""
+        self._buffers = {name: b for name, b in self.model.named_buffers()}
+        fixed = self._fixed_inputs()
+        key = self._trace_key(fixed)
+        first = next(iter(self.params.values()))
+        varying = [*(torch.zeros_like(p) for p in self.params.values()), first.new_zeros(())]
+        built = []
+
+        def build() -> TracedProduct:
+            built.append(True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*(get_attr|is_same_size|TF32).*")
+                return trace_product(self._traceable_product(), fixed, varying,
+                                     compile_tangent=self.jv_method == "compiled")
+
+        clock = time.perf_counter()
+        try:
+            traced = cached_trace(self.model, key, build)
+            loss_value, cached = traced.prepare(fixed)
+            self.loss_value = float(loss_value)
+            if built:
+                self._check_trace(traced, cached)
+                self.trace_seconds = time.perf_counter() - clock
+        except torch.OutOfMemoryError:
+            return None  # this batch only: the untraced products hold fewer intermediates at once
+        except NotImplementedError:
+            if self._context is not _fused_kernels_off:
+                raise  # a fused kernel without forward-mode AD: __init__ switches kernels and traces again
+            return self._trace_failed(key, _TraceCheckFailed("it could not be traced even with native kernels"))
+        except Exception as error:  # noqa: BLE001 - any tracing failure: the untraced product is the same
+            if not isinstance(error, _TraceCheckFailed):
+                error = _TraceCheckFailed(f"it could not be traced ({type(error).__name__}: {str(error)[:300]})")
+            return self._trace_failed(key, error)
+        return traced, cached
+
+    def _trace_failed(self, key: tuple, error: Exception) -> None:
+        """Remember the failure for `key`, log it once per model type, and let the products use jvp."""
+        forget_trace(self.model, key, error)
+        level = logging.INFO if self.jv_method == "auto" else logging.WARNING
+        _log_once(f"trace_failed:{type(self.model).__name__}:{self.curvature}", level,
+                  "jv_method=%s: the %s product of %s is not traced: %s; products use jvp, which reruns the "
+                  "forward pass in every product", self.jv_method, self.curvature, type(self.model).__name__, error)
+        return None
+
+    def _traceable_product(self) -> Callable[..., tuple[Tensor, Tensor]]:
+        """(*fixed, *tangents, μλ) ↦ (the undamped product C v + μλ·G_S v, flat; the batch loss)."""
+        names, buffer_names = self.spec.names, tuple(self._buffers)
+        num_params, num_buffers = len(names), len(buffer_names)
+        has_mask, structural, curvature = self.batch.mask is not None, self._structural_damping > 0, self.curvature
+        module, prefix, loss, spec = self._forward_module, self._param_prefix, self.loss, self.spec
+
+        def product(*flat: Tensor) -> tuple[Tensor, Tensor]:
+            params = dict(zip(names, flat[:num_params]))
+            buffers = {prefix + name: b for name, b in zip(buffer_names, flat[num_params:num_params + num_buffers])}
+            rest = flat[num_params + num_buffers:]
+            inputs, targets = rest[0], rest[1]
+            mask = rest[2] if has_mask else None
+            tangents = dict(zip(names, rest[2 + has_mask:2 + has_mask + num_params]))
+            structural_scale = rest[-1]
+
+            def forward(params):
+                outputs = functional_call(module, {**{prefix + n: p for n, p in params.items()}, **buffers},
+                                          (inputs,))
+                return tuple(outputs) if structural else (outputs,)
+
+            def batch_loss(params):
+                outputs = forward(params)
+                return loss(outputs[0], targets, mask), outputs
+
+            outputs, vjp_fn = vjp(forward, params)
+            z = outputs[0]
+            if curvature == "ggn":
+                _, output_tangents = jvp(forward, (params,), (tangents,))
+                cotangents = [loss.output_hessian(z, targets, mask).mv(output_tangents[0])]
+                value = loss(z, targets, mask)
+            else:  # the Hessian: the tangent of the gradient (forward over reverse)
+                def gradient_and_outputs(params):
+                    gradient, (value, outputs) = grad_and_value(batch_loss, has_aux=True)(params)
+                    return gradient, outputs
+
+                (_, _), (hessian_tangent, output_tangents) = jvp(gradient_and_outputs, (params,), (tangents,))
+                cotangents = [torch.zeros_like(z)]
+                value = loss(z, targets, mask)
+            if structural:
+                tanh_a = torch.tanh(outputs[1])
+                cotangents.append(output_tangents[1] * ((1 - tanh_a * tanh_a) / z.shape[0]) * structural_scale)
+            if curvature == "ggn":
+                return spec.flatten(vjp_fn(tuple(cotangents))[0]), value
+            flat_product = spec.flatten(hessian_tangent)
+            if structural:
+                flat_product = flat_product + spec.flatten(vjp_fn(tuple(cotangents))[0])
+            return flat_product, value
+
+        return product
+
+    def _traced_product(self, traced: TracedProduct, cached: tuple[Tensor, ...], v: Tensor, damping: float) -> Tensor:
+        tangents = v.view(-1).split(self.spec.numels)
+        tangents = [t.view(shape) for t, shape in zip(tangents, self.spec.shapes)]
+        scale = v.new_tensor(self._structural_damping * damping)
+        return traced.product(cached, [*tangents, scale])
+
+    def _check_trace(self, traced: TracedProduct, cached: tuple[Tensor, ...]) -> None:
+        """Raise _TraceCheckFailed unless the traced product of a probe matches the untraced one within
+        1000·eps of its largest entry (both run the same aten ops; they agree to rounding)."""
+        first = next(iter(self.params.values()))
+        generator = torch.Generator(device=first.device).manual_seed(PROBE_SEED)
+        probe = torch.randn(self.num_params, generator=generator, dtype=first.dtype, device=first.device)
+        damping = 1.0
+        got = self._traced_product(traced, cached, probe, damping)
+        reference = CurvatureOperator(self.model, self.loss, self.batch, damping=damping,
+                                      structural_damping=self._structural_damping, curvature=self.curvature,
+                                      jv_method="jvp")
+        want = reference.mv(probe).sub_(probe, alpha=damping)
+        if not bool(torch.isfinite(want).all()):
+            return  # nothing to compare against on this batch; the next new key is checked again
+        tolerance = 1000 * torch.finfo(want.dtype).eps * float(want.abs().max().clamp_min(1e-30))
+        error = float((want - got).abs().max())
+        if not error <= tolerance:
+            raise _TraceCheckFailed(f"its product differed from the untraced one by {error:.3g} "
+                                    f"(tolerance {tolerance:.3g})")
 
     def _linearize(self) -> Callable | None:
         """v ↦ Jv with the primal intermediates kept, or None (then the products use jvp).
@@ -274,21 +438,22 @@ class CurvatureOperator:
         """∇_θ L = Jᵀ ∇_z L, through the cached vjp closure (computed once, returned as a copy)."""
         if self._gradient is None:
             with self._context():
+                if self._vjp_fn is None:  # traced products keep no vjp closure: build it now
+                    self._cache_untraced()
                 self._gradient = self.spec.flatten(self._vjp_fn(self._gradient_cotangents)[0])
         return self._gradient.clone()
 
     def mv(self, v: Tensor) -> Tensor:
         """(C + λI + μλ·G_S) v for a flat v."""
-        tangents = self.spec.unflatten(v)
         try:
             with self._context():
-                product = self._curvature_product(tangents)
+                product = self._curvature_product(v)
         except NotImplementedError as error:
             if self._context is _fused_kernels_off:
                 raise
             self._switch_to_native_kernels(error)
             with self._context():
-                product = self._curvature_product(tangents)
+                product = self._curvature_product(v)
         return product.add_(v, alpha=self.damping)
 
     def _switch_to_native_kernels(self, error: NotImplementedError) -> None:
@@ -301,7 +466,10 @@ class CurvatureOperator:
         with self._context():
             self._cache_primal()  # so the Jv and Jᵀu products come from the same kernels
 
-    def _curvature_product(self, tangents: dict[str, Tensor]) -> Tensor:
+    def _curvature_product(self, v: Tensor) -> Tensor:
+        if self._traced is not None:
+            return self._traced_product(*self._traced, v, self.damping)
+        tangents = self.spec.unflatten(v)
         if self.curvature == "ggn":
             return self._ggn_product(tangents)
         return self._hessian_product(tangents)

@@ -7,14 +7,14 @@ import torch
 from hfrun import bench
 from standins import write_idx_dataset
 
-COLUMNS = ["workload", "grad_ms", "gvp_ms", "cg_iter_ms", "hf_update_ms", "gvp/grad", "cg_overhead", "setup_ms",
-           "hf_cg_iters"]
+COLUMNS = ["workload", "grad_ms", "gvp_ms", "gvp/grad", "cg_iter_ms", "cg_overhead", "setup_ms", "trace_ms", "hf10_ms",
+           "peer10_ms", "hf10/peer", "hf_cg_iters"]
 
 
 def test_measure_gives_every_figure_for_a_workload():
     workload = bench.workloads(torch.device("cpu"), 0.005)[0]
     row = bench.measure(workload, torch.device("cpu"), repeats=1)
-    assert row["jv_method_used"] == "linearize"
+    assert row["jv_method_used"] == "traced"
     for column in COLUMNS[1:]:
         assert row[column] > 0, column
     assert row["hf_cg_iters"] <= bench.HF_CG_ITERS
@@ -26,16 +26,16 @@ def test_bench_prints_a_row_per_workload(capsys):
     out = capsys.readouterr().out
     for column in COLUMNS:
         assert column in out
-    for name in ("MLP 784-256-256-10, B5000 (linearize)", "autoencoder", "RNN-100 T100 B1000, loop (linearize)",
-                 "SGN MLP 784-20-20-20-10", "ratio_cg3",
-                 "loop (jvp)", "nn.RNN", "analytic (linearize)", "analytic (double_vjp)", "plain-loop reference"):
+    for name in ("MLP 784-256-256-10, B5000 (traced)", "autoencoder", "RNN-100 T100 B1000, loop (traced)",
+                 "SGN MLP 784-20-20-20-10", "ratio_cg3", "analytic, with pre-activations",
+                 "nn.RNN", "analytic (linearize)", "analytic (double_vjp)", "plain-loop model (jvp)"):
         assert name in out
 
 
 def test_compare_jv_methods_on_a_configured_task(capsys):
     bench.main(["--task", "linreg", "--updates", "2"])
     out = capsys.readouterr().out
-    assert "jvp: updates" in out and "linearize: updates" in out and "update 1:" in out
+    assert "jvp: updates" in out and "traced: updates" in out and "update 1:" in out
     assert "ms per 1000-sequence minibatch" in out
 
 
@@ -43,6 +43,27 @@ def test_compare_another_key_on_a_pathological_task(capsys):
     totals = bench.compare_on_task("temporal_order_T30", 1, "model.impl", ("loop", "analytic"))
     assert set(totals) == {"loop", "analytic"} and all(t["examples"] > 0 for t in totals.values())
     assert "model.impl=" in capsys.readouterr().out
+
+
+def test_reference_update_solves_least_squares_with_enough_cg_steps():
+    """The peer's HF update (torch.func, no trace): with as many CG steps as parameters and tiny λ it lands on
+    the least-squares optimum, whose loss is known in closed form."""
+    torch.manual_seed(0)
+    inputs = torch.randn(50, 4, dtype=torch.float64)
+    targets = inputs @ torch.randn(4, 1, dtype=torch.float64) + 0.1 * torch.randn(50, 1, dtype=torch.float64)
+    model = torch.nn.Linear(4, 1).double()
+    design = torch.cat([inputs, torch.ones(50, 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, targets).solution
+    optimum = bench.SquaredError()(design @ solution, targets, None)
+    value = bench.reference_hf_update(model, bench.SquaredError(), bench.Batch(inputs, targets), cg_iters=5,
+                                      damping=1e-12)
+    assert value == pytest.approx(float(optimum), rel=1e-8)
+
+
+def test_rnn_gradient_table_holds_each_implementation_against_the_plain_loop(capsys):
+    ratios = bench.rnn_gradient_table(torch.device("cpu"), 0.005, repeats=1)
+    assert ratios["plain loop"] == 1.0 and all(r > 0 for r in ratios.values())
+    assert "analytic, with pre-activations" in capsys.readouterr().out
 
 
 def test_memory_probe_reports_a_peak_for_each_kind_of_work():

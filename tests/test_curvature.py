@@ -21,6 +21,10 @@ from hfrun.losses import SigmoidCrossEntropy, SoftmaxCrossEntropy, SquaredError
 from hfrun.models.rnn import RNN
 from hfrun.tasks.base import Batch
 
+# Every method but "compiled", whose inductor compilation takes tens of seconds per model (tests/test_traced.py
+# checks it once).
+FAST_JV_METHODS = tuple(method for method in JV_METHODS if method != "compiled")
+
 LOSSES = {"mse": SquaredError(), "softmax_ce": SoftmaxCrossEntropy(), "sigmoid_ce": SigmoidCrossEntropy()}
 CASES, STEPS, INPUTS, HIDDEN, OUTPUTS = 3, 5, 3, 4, 2
 
@@ -188,7 +192,7 @@ def test_param_spec_skips_frozen_parameters():
     assert spec.num_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("jv_method", JV_METHODS)
+@pytest.mark.parametrize("jv_method", FAST_JV_METHODS)
 @pytest.mark.parametrize("loss_name", LOSSES)
 @pytest.mark.parametrize("problem", [mlp_problem, rnn_problem, analytic_rnn_problem],
                          ids=["mlp", "rnn_masked", "analytic_rnn_masked"])
@@ -233,7 +237,7 @@ def test_damping_adds_lambda_times_v_and_can_change():
     torch.testing.assert_close(operator.mv(v), undamped @ v + 3.0 * v)
 
 
-@pytest.mark.parametrize("jv_method", JV_METHODS)
+@pytest.mark.parametrize("jv_method", FAST_JV_METHODS)
 @pytest.mark.parametrize("loss_name", LOSSES)
 @pytest.mark.parametrize("problem", [mlp_problem, rnn_problem, analytic_rnn_problem],
                          ids=["mlp", "rnn_masked", "analytic_rnn_masked"])
@@ -250,7 +254,7 @@ def test_gradient_and_loss_value_match_autograd(problem, loss_name, jv_method):
     assert operator.loss_value == pytest.approx(value.detach().item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("jv_method", JV_METHODS)
+@pytest.mark.parametrize("jv_method", FAST_JV_METHODS)
 def test_analytic_rnn_hessian_with_structural_damping_matches_dense(jv_method):
     """Forward-over-reverse through the hand-written backward: H + λI + μλ·G_S against dense float64."""
     torch.manual_seed(12)
@@ -282,7 +286,7 @@ def test_structural_damping_matches_its_dense_definition(curvature_name, jv_meth
 
 
 @pytest.mark.parametrize("impl", ["loop", "analytic"])
-@pytest.mark.parametrize("jv_method", JV_METHODS)
+@pytest.mark.parametrize("jv_method", FAST_JV_METHODS)
 def test_hfrun_loop_rnn_damped_products_match_dense(jv_method, impl):
     """hfrun's own RNN (per-step loop, or the recurrence with hand-written derivatives), GGN + λI + μλ·G_S:
     the linearize path must be the one used where it is asked for."""
@@ -418,7 +422,7 @@ def test_martens_preconditioner_closed_form():
     torch.testing.assert_close(martens_preconditioner(squares, 1.0, exponent=1.0), squares + 1.0)
 
 
-@pytest.mark.parametrize("jv_method", JV_METHODS)
+@pytest.mark.parametrize("jv_method", FAST_JV_METHODS)
 def test_lstm_float64_matches_dense_ggn(jv_method):
     torch.manual_seed(9)
     model, batch = lstm_problem()

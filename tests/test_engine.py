@@ -207,11 +207,12 @@ def test_resume_accepts_options_added_since_at_their_default(make_config, tmp_pa
 
 def test_resume_compares_solver_hints_only_through_the_solver(make_config, tmp_path):
     cfg = make_config("solver=hf", "task=addition_T30", "run.device=cpu")
-    saved = _config_before(cfg, "task.solver_hints.jv_method")
-    with pytest.raises(HfrunError, match=r"solver.jv_method='jvp' in the run, 'linearize' now") as refused:
+    saved = _config_before(cfg, "task.solver_hints.preconditioner")
+    with pytest.raises(HfrunError, match=r"solver.preconditioner='martens' in the run, 'none' now") as refused:
         check_resume_matches(saved, cfg, tmp_path)
     assert "solver_hints" not in str(refused.value)
-    check_resume_matches(saved, make_config("solver=hf", "task=addition_T30", "solver.jv_method=jvp"), tmp_path)
+    check_resume_matches(saved, make_config("solver=hf", "task=addition_T30", "solver.preconditioner=martens"),
+                         tmp_path)
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ from conftest import run_hfrun
 TINY_ADDITION = ["solver=hf", "task=addition_T30", "task.T=10", "model.hidden_size=30", "task.eval_sequences=1000",
                  "task.solver_hints.gradient_batch_size=1000", "task.solver_hints.curvature_batch_size=250",
                  "task.solver_hints.backtrack_batch_size=250", "task.solver_hints.cg_max_iters=60",
-                 "task.solver_hints.jv_method=jvp",  # batches this small do not repay linearize's trace
                  "run.eval_every=1", "run.max_updates=200", "run.max_seconds=120"]
 
 

@@ -472,7 +472,7 @@ def test_real_primary_config_picks_the_rnn_for_a_pathological_task():
 PATHOLOGICAL_HF_DEFAULTS = {"gradient_batch_size": 10000, "curvature_batch_size": 1000, "chunk_size": 1000,
                             "backtrack_batch_size": 0, "structural_damping": 0.03, "cg_max_iters": 300,
                             "preconditioner": "none", "initial_damping": 1.0, "weight_cost": 2e-5,
-                            "jv_method": "linearize", "curvature": "ggn"}
+                            "jv_method": "auto", "curvature": "ggn"}
 
 
 @pytest.mark.parametrize("stem", sorted(TASK_CLASSES))

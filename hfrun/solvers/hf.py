@@ -75,7 +75,7 @@ class HessianFree:
     """
 
     def __init__(self, model: nn.Module, loss, *, gradient_batch_size: int, curvature_batch_size: int | None = None,
-                 backtrack_batch_size: int | None = None, curvature: str = "ggn", jv_method: str = "jvp",
+                 backtrack_batch_size: int | None = None, curvature: str = "ggn", jv_method: str = "auto",
                  initial_damping: float = 1.0,
                  structural_damping: float = 0.0, cg_max_iters: int = 250,
                  cg_tol: float = 5e-4, cg_decay: float = 0.95, preconditioner: str = "none",
@@ -203,7 +203,7 @@ class HessianFree:
             "actual_reduction": objective_before - objective_after,
             "line_search_reduction": objective_before - objective_final, "step_size": step_size,
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
-            "examples_grad": examples_grad, "examples_curv": damped_curvature.products * curvature_cases,
+            "time_trace_s": damped_curvature.trace_seconds, "examples_grad": examples_grad, "examples_curv": damped_curvature.products * curvature_cases,
         }
         if self.updates_stuck_at_max >= self.stall_updates:
             stats["stalled"] = (

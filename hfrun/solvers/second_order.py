@@ -105,16 +105,18 @@ class ChunkedCurvature:
     """The damped curvature of the quadratic model on a chunked batch, as a product v ↦ A v.
 
     A = Σ_c (n_c/n)·(C_c + λI + μλ·G_S,c) + weight_cost·I, with one CurvatureOperator per chunk (see
-    hfrun.curvature for C, λ and μ). `damping` may change between products; `products` counts them.
+    hfrun.curvature for C, λ and μ). `damping` may change between products; `products` counts them;
+    `trace_seconds` is the time the operators spent tracing products for new batch shapes.
     """
 
     def __init__(self, model: nn.Module, loss, chunks: list, *, damping: float, structural_damping: float = 0.0,
-                 curvature: str = "ggn", jv_method: str = "jvp", weight_cost: float = 0.0):
+                 curvature: str = "ggn", jv_method: str = "auto", weight_cost: float = 0.0):
         self.cases = sum(chunk.size for chunk in chunks)
         self.operators = [CurvatureOperator(model, loss, chunk, damping=damping,
                                             structural_damping=structural_damping, curvature=curvature,
                                             jv_method=jv_method) for chunk in chunks]
         self.weights = [chunk.size / self.cases for chunk in chunks]
+        self.trace_seconds = sum(operator.trace_seconds for operator in self.operators)
         self.weight_cost = float(weight_cost)
         self.products = 0
 

@@ -62,7 +62,7 @@ class SGN:
                  damping_schedule_updates: int = 10, line_search: bool = True, line_search_c: float = 1e-4,
                  line_search_shrink: float = 0.5, max_line_search: int = 10, step_size: float = 1.0,
                  reject_uphill: bool = False, guard_ratio: bool = False, momentum: float = 0.0,
-                 preconditioner: str = "none", preconditioner_exponent: float = 1.0, jv_method: str = "jvp",
+                 preconditioner: str = "none", preconditioner_exponent: float = 1.0, jv_method: str = "auto",
                  weight_cost: float = 0.0):
         require(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
         require(damping_schedule in DAMPING_SCHEDULES,

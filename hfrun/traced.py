@@ -1,0 +1,175 @@
+"""A curvature product traced once per batch shape and replayed in two halves: the primal half once per
+batch, the tangent half once per product.
+
+A curvature product on a batch, e.g. the GGN's Jᵀ(H_L(J v)) (hfrun.curvature), is a function of fixed
+inputs (parameters, buffers, inputs, targets, mask) and varying ones (the tangent v, the structural
+damping scale μλ). Every operation that does not depend on the varying inputs (the forward pass, H_L's
+factors, the slopes 1 − tanh(a)², every intermediate the tangent and backward passes read) gives the
+same result for every product on the batch. So:
+
+  1. `make_fx` records one product as a graph of aten ops, with fake tensors (no arithmetic is done);
+  2. the nodes reachable from a varying input form the tangent graph; the others form the primal
+     graph, whose outputs are the values the tangent graph reads;
+  3. per batch, the primal graph runs once (about a forward pass); per product, the tangent graph runs
+     on its outputs (a tangent pass and a backward pass: the physical floor of a product).
+
+The graph depends on shapes, not values, so one trace serves every batch of the same shapes. That is
+the difference from `torch.func.linearize`, which folds the batch into its trace and so pays the trace
+(seconds for a 100-step recurrence) on every batch.
+
+Why by hand rather than torch.compile alone: compile would re-trace and re-compile per batch shape as
+this does, but it cannot keep the primal half out of each call, which is what makes a product cost a
+tangent pass and a backward pass instead of a forward pass more. What it adds is code generation (fused
+elementwise work, no stacking copies); `compile_tangent` applies it to the tangent half
+(`jv_method=compiled`). On the CPU, for the 100-step RNN on 1000 sequences, that cut a product from
+1.16 to 0.82 gradients but took 64 s per batch shape to compile (48 s at T = 30), so it pays on long
+runs only and is not the default (README, "Speed").
+
+Safety:
+  - Fake tensors make any data-dependent Python (`.item()`, `if tensor:`) fail at trace time, instead
+    of silently baking one batch's values into the graph; the caller then falls back to an untraced
+    product.
+  - Parameters and buffers are inputs of the graph, never constants.
+  - The trace holds the forward pass twice (the vjp's and the jvp's); `merge_common_subexpressions`
+    merges them, and is skipped for a graph that mutates anything.
+  - The caller checks each new trace once against the untraced product (hfrun.curvature).
+A model whose forward depends on Python state other than its parameters, buffers, training flag and
+input shapes would replay stale behaviour: use `solver.jv_method=jvp` for it.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.dialect.common.cse_pass import CSEPass
+
+MAX_TRACES_PER_MODEL = 64  # distinct batch shapes kept per model (least recently used dropped)
+_ALIASES = (torch.ops.aten.alias.default, torch.ops.aten.detach.default)
+
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → OrderedDict(key → TracedProduct)
+
+
+class TracedProduct:
+    """The two halves of a traced product: `prepare(fixed)` runs the primal half, returning (its first
+    output, the cached values); `product(cached, varying)` runs the tangent half."""
+
+    def __init__(self, primal: fx.GraphModule, tangent: fx.GraphModule):
+        self.primal, self.tangent = primal, tangent
+
+    def prepare(self, fixed: Sequence[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        with torch.no_grad():
+            first, *cached = self.primal(*fixed)
+        return first, tuple(cached)
+
+    def product(self, cached: tuple[Tensor, ...], varying: Sequence[Tensor]) -> Tensor:
+        return self.tangent(*cached, *varying)
+
+
+def cached_trace(model: nn.Module, key: Hashable, build: Callable[[], TracedProduct]) -> TracedProduct:
+    """The trace stored for `model` under `key`, built (and stored) on first use; an exception from
+    `build` is stored too, and raised again on later calls, so a model that cannot be traced is tried once."""
+    traces = _TRACES.setdefault(model, OrderedDict())
+    if key not in traces:
+        try:
+            traces[key] = build()
+        except Exception as error:  # noqa: BLE001 - stored and re-raised to every caller with this key
+            traces[key] = error
+        while len(traces) > MAX_TRACES_PER_MODEL:
+            traces.popitem(last=False)
+    traces.move_to_end(key)
+    stored = traces[key]
+    if isinstance(stored, Exception):
+        raise stored
+    return stored
+
+
+def forget_trace(model: nn.Module, key: Hashable, reason: Exception) -> None:
+    """Store `reason` in place of a trace that failed its check, so that it is not used again."""
+    _TRACES.setdefault(model, OrderedDict())[key] = reason
+
+
+def tensor_key(tensors: Sequence[Tensor | None]) -> tuple:
+    """What a trace depends on in its tensor inputs: shape, dtype and device of each (None for an absent one)."""
+    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+def trace_product(function: Callable[..., tuple[Tensor, Tensor]], fixed: Sequence[Tensor],
+                  varying: Sequence[Tensor], compile_tangent: bool = False) -> TracedProduct:
+    """Trace `function(*fixed, *varying) -> (product, primal_value)` and split it.
+
+    `product` must be the only output that depends on `varying`; `primal_value` (e.g. the batch loss)
+    must not, and comes back from `TracedProduct.prepare`. With `compile_tangent` the tangent half goes
+    through torch.compile's inductor (compiled at its first call).
+    """
+    graph_module = make_fx(function, tracing_mode="fake")(*fixed, *varying)
+    graph_module = merge_common_subexpressions(graph_module)
+    traced = split_primal_tangent(graph_module, num_fixed=len(fixed))
+    if compile_tangent:
+        traced.tangent = torch.compile(traced.tangent, dynamic=False)
+    return traced
+
+
+def merge_common_subexpressions(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """The graph with aliases replaced by what they alias and repeated pure operations merged (torch.fx's
+    CSEPass), dead code dropped; unchanged where anything is mutated in place, where both are unsafe."""
+    graph = graph_module.graph
+    if any(node.op == "call_function" and getattr(node.target, "_schema", None) is not None
+           and node.target._schema.is_mutable for node in graph.nodes):
+        return graph_module
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ALIASES:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph_module.recompile()
+    merged = CSEPass()(graph_module).graph_module
+    merged.graph.eliminate_dead_code()
+    merged.recompile()
+    return merged
+
+
+def split_primal_tangent(graph_module: fx.GraphModule, num_fixed: int) -> TracedProduct:
+    """Split a graph whose first `num_fixed` placeholders are fixed and the rest varying, and whose output
+    is (product, primal_value), into the primal graph (fixed placeholders → (primal_value, *values the
+    tangent graph reads)) and the tangent graph (those values, the varying placeholders → product)."""
+    graph = graph_module.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    output_node = next(node for node in graph.nodes if node.op == "output")
+    product_node, primal_value_node = output_node.args[0]
+    varying = set(placeholders[num_fixed:])
+    for node in graph.nodes:
+        if node.op not in ("placeholder", "output") and any(arg in varying for arg in node.all_input_nodes):
+            varying.add(node)
+    if primal_value_node in varying:
+        raise ValueError("the traced function's second output depends on the varying inputs")
+    # The primal values the tangent half reads (and the product itself, should it not depend on them).
+    handed_over: dict[fx.Node, None] = {}
+    for node in graph.nodes:
+        if node in varying and node.op != "placeholder":
+            handed_over.update((arg, None) for arg in node.all_input_nodes if arg not in varying)
+    if product_node not in varying:
+        handed_over[product_node] = None
+
+    primal_graph, primal_env = fx.Graph(), {}
+    for node in graph.nodes:
+        if node.op != "output" and node not in varying:
+            primal_env[node] = primal_graph.node_copy(node, lambda arg: primal_env[arg])
+    primal_graph.output((primal_env[primal_value_node], *(primal_env[node] for node in handed_over)))
+
+    tangent_graph, tangent_env = fx.Graph(), {}
+    for index, node in enumerate(handed_over):
+        tangent_env[node] = tangent_graph.placeholder(f"primal_{index}")
+    for node in placeholders[num_fixed:]:
+        tangent_env[node] = tangent_graph.placeholder(node.name)
+    for node in graph.nodes:
+        if node in varying and node.op != "placeholder":
+            tangent_env[node] = tangent_graph.node_copy(node, lambda arg: tangent_env[arg])
+    tangent_graph.output(tangent_env[product_node])
+    primal, tangent = fx.GraphModule(graph_module, primal_graph), fx.GraphModule(graph_module, tangent_graph)
+    for half in (primal, tangent):
+        half.graph.eliminate_dead_code()
+        half.recompile()
+    return TracedProduct(primal, tangent)

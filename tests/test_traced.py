@@ -1,0 +1,201 @@
+"""Traced curvature products (hfrun/traced.py, jv_method=traced|auto) against dense float64 matrices, and
+the trace's life: one trace per shape whatever the values, buffers as inputs, fallbacks to jvp."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_curvature import (LOSSES, analytic_rnn_problem, assert_close_matrices, dense_ggn, dense_hessian,
+                            dense_structural_ggn, lstm_problem, mlp_problem, operator_matrix, rnn_problem)
+from torch import nn
+from torch.func import vmap
+
+from hfrun import curvature, traced
+from hfrun.curvature import CurvatureOperator
+from hfrun.models.rnn import RNN
+from hfrun.tasks.base import Batch
+from hfrun.traced import split_primal_tangent
+from torch.fx.experimental.proxy_tensor import make_fx
+
+
+def hfrun_loop_rnn_problem(loss_name):
+    return rnn_problem(loss_name, model_class=lambda: RNN(3, 2, hidden_size=4, impl="loop"))
+
+
+@pytest.fixture
+def count_traces(monkeypatch):
+    """How many times a product is traced in the test."""
+    calls = []
+    original = curvature.trace_product
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(curvature, "trace_product", counting)
+    monkeypatch.setattr(curvature, "_ALREADY_LOGGED", set())
+    return calls
+
+
+@pytest.mark.parametrize("curvature_name", ["ggn", "hessian"])
+@pytest.mark.parametrize("problem", [mlp_problem, rnn_problem, analytic_rnn_problem, hfrun_loop_rnn_problem],
+                         ids=["mlp", "torch_rnn_masked", "analytic_rnn_masked", "loop_rnn_masked"])
+def test_traced_products_match_dense_with_structural_damping(problem, curvature_name):
+    torch.manual_seed(21)
+    model, batch = problem("softmax_ce")
+    loss, damping = LOSSES["softmax_ce"], 0.5
+    mu = 0.0 if problem is mlp_problem else 0.3
+    operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu,
+                                 curvature=curvature_name, jv_method="traced")
+    assert operator.jv_method_used == "traced"
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    expected = (dense_ggn if curvature_name == "ggn" else dense_hessian)(model, loss, batch) + damping * identity
+    if mu:
+        expected += mu * damping * dense_structural_ggn(model, batch)
+    assert_close_matrices(operator_matrix(operator), expected)
+    operator.damping = 2.0  # λ changes between products: λI and μλ·G_S follow
+    expected += 1.5 * identity + (mu * 1.5 * dense_structural_ggn(model, batch) if mu else 0)
+    assert_close_matrices(operator_matrix(operator), expected)
+
+
+def test_one_trace_serves_every_batch_and_every_point_of_a_shape(count_traces):
+    """The trace holds shapes, not values: new inputs, targets, mask and parameters give their own products."""
+    torch.manual_seed(22)
+    model, batch = analytic_rnn_problem("mse")
+    loss, mu = LOSSES["mse"], 0.3
+    for _ in range(3):
+        operator = CurvatureOperator(model, loss, batch, damping=0.5, structural_damping=mu, jv_method="auto")
+        assert operator.jv_method_used == "traced"
+        identity = torch.eye(operator.num_params, dtype=torch.float64)
+        expected = dense_ggn(model, loss, batch) + 0.5 * identity + mu * 0.5 * dense_structural_ggn(model, batch)
+        assert_close_matrices(operator_matrix(operator), expected)
+        with torch.no_grad():
+            assert operator.loss_value == pytest.approx(float(loss(model(batch.inputs), batch.targets, batch.mask)))
+            for parameter in model.parameters():
+                parameter.add_(0.2 * torch.randn_like(parameter))
+        batch = Batch(torch.randn_like(batch.inputs), torch.randn_like(batch.targets), batch.mask.flip(0))
+    assert len(count_traces) == 1
+    longer = Batch(torch.randn(3, 7, 3, dtype=torch.float64), torch.randn(3, 7, 2, dtype=torch.float64))
+    CurvatureOperator(model, loss, longer, structural_damping=mu)
+    CurvatureOperator(model, loss, longer, structural_damping=mu)
+    assert len(count_traces) == 2, "a new shape (and no mask) is traced once more, then reused"
+
+
+class ScaledMLP(nn.Module):
+    """A model with a buffer that changes between batches (as running statistics would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.layer(torch.tanh(self.scale * x))
+
+
+def test_buffers_are_inputs_of_the_trace_not_constants(count_traces):
+    torch.manual_seed(23)
+    model = ScaledMLP().double()
+    batch = Batch(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
+    for scale in (1.0, 3.0):
+        model.scale.fill_(scale)
+        operator = CurvatureOperator(model, LOSSES["mse"], batch, jv_method="traced")
+        assert operator.jv_method_used == "traced"
+        assert_close_matrices(operator_matrix(operator), dense_ggn(model, LOSSES["mse"], batch))
+    assert len(count_traces) == 1
+
+
+class ValueDependentMLP(nn.Module):
+    """Python control flow on a tensor's value: a trace would bake in one batch's branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.layer(x) if float(x.sum()) > 0 else self.layer(-x)
+
+
+@pytest.mark.parametrize("jv_method, level", [("traced", logging.WARNING), ("auto", logging.INFO)])
+def test_a_model_that_cannot_be_traced_uses_jvp(count_traces, caplog, jv_method, level):
+    torch.manual_seed(24)
+    model = ValueDependentMLP().double()
+    for sign in (1, -1):
+        batch = Batch(sign * (torch.rand(4, 3, dtype=torch.float64) + 0.1), torch.randn(4, 2, dtype=torch.float64))
+        with caplog.at_level(logging.INFO, logger="hfrun.curvature"):
+            operator = CurvatureOperator(model, LOSSES["mse"], batch, jv_method=jv_method)
+        assert operator.jv_method_used == "jvp"
+        assert_close_matrices(operator_matrix(operator), dense_ggn(model, LOSSES["mse"], batch))
+    assert len(count_traces) == 1, "a failure is remembered for its shape"
+    records = [r for r in caplog.records if "is not traced" in r.getMessage()]
+    assert len(records) == 1 and records[0].levelno == level
+    assert "could not be traced" in records[0].getMessage()
+
+
+def test_a_trace_that_disagrees_with_jvp_is_not_used(monkeypatch, count_traces, caplog):
+    original = traced.TracedProduct.product
+    monkeypatch.setattr(traced.TracedProduct, "product", lambda self, cached, varying: 1.01 * original(
+        self, cached, varying))
+    torch.manual_seed(25)
+    model, batch = mlp_problem("mse")
+    with caplog.at_level(logging.WARNING, logger="hfrun.curvature"):
+        operator = CurvatureOperator(model, LOSSES["mse"], batch, jv_method="traced")
+        again = CurvatureOperator(model, LOSSES["mse"], batch, jv_method="traced")
+    assert operator.jv_method_used == again.jv_method_used == "jvp"
+    assert "differed from the untraced one" in caplog.text
+    assert len(count_traces) == 1
+    assert_close_matrices(operator_matrix(again), dense_ggn(model, LOSSES["mse"], batch))
+
+
+def test_float32_lstm_is_traced_through_native_kernels(monkeypatch):
+    """oneDNN's LSTM has no forward-mode AD: the operator switches to native kernels and traces those."""
+    monkeypatch.setattr(curvature, "_ALREADY_LOGGED", set())
+    torch.manual_seed(26)
+    model, batch = lstm_problem(torch.float32)
+    operator = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.2, jv_method="auto")
+    assert operator.jv_method_used == "traced"
+    reference = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.2, jv_method="jvp")
+    v = torch.randn(operator.num_params)
+    torch.testing.assert_close(operator.mv(v), reference.mv(v), rtol=1e-5, atol=1e-6)
+
+
+def test_traced_products_batch_under_vmap():
+    """Block-diagonal HF maps the product over its blocks' tangents with vmap."""
+    torch.manual_seed(27)
+    model, batch = analytic_rnn_problem("mse")
+    operator = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.5, structural_damping=0.3)
+    assert operator.jv_method_used == "traced"
+    vectors = torch.randn(4, operator.num_params, dtype=torch.float64)
+    torch.testing.assert_close(vmap(operator.mv)(vectors), torch.stack([operator.mv(v) for v in vectors]))
+
+
+def test_split_keeps_the_primal_work_out_of_the_product():
+    """f(w, x; v, s) = s·(tanh(x w) ⊙ v): tanh(x w) is computed once per batch, never per product."""
+
+    def function(w, x, v, s):
+        return s * (torch.tanh(x @ w) * v), torch.tanh(x @ w).sum()
+
+    w, x = torch.randn(3, 2), torch.randn(4, 3)
+    graph = make_fx(function)(w, x, torch.randn(4, 2), torch.tensor(2.0))
+    traced_product = split_primal_tangent(graph, num_fixed=2)
+    tangent_ops = {str(node.target) for node in traced_product.tangent.graph.nodes if node.op == "call_function"}
+    assert not any("tanh" in op or "mm" in op for op in tangent_ops), tangent_ops
+    value, cached = traced_product.prepare([w, x])
+    torch.testing.assert_close(value, torch.tanh(x @ w).sum())
+    for _ in range(2):
+        v, s = torch.randn(4, 2), torch.tensor(float(torch.randn(())))
+        torch.testing.assert_close(traced_product.product(cached, [v, s]), s * torch.tanh(x @ w) * v)
+
+
+def test_compiled_products_match_dense():
+    """jv_method=compiled: the tangent half through torch.compile's inductor (one tiny model: compiling
+    takes seconds)."""
+    torch.manual_seed(28)
+    model, batch = analytic_rnn_problem("mse")
+    loss, damping, mu = LOSSES["mse"], 0.5, 0.3
+    operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu, jv_method="compiled")
+    assert operator.jv_method_used == "compiled"
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    expected = dense_ggn(model, loss, batch) + damping * identity + mu * damping * dense_structural_ggn(model, batch)
+    assert_close_matrices(operator_matrix(operator), expected)
