@@ -66,6 +66,7 @@ class Workload:
     loss: Callable
     batch: Batch
     jv_method: str = "linearize"
+    structural_damping: float = 0.0
 
 
 class FixedBatch:
@@ -104,6 +105,9 @@ def workloads(device: torch.device, scale: float) -> list[Workload]:
     for jv_method in ("traced", "linearize", "jvp", "double_vjp"):
         rows.append(Workload("tanh RNN-100 T100 B1000, analytic", rnn_analytic, SquaredError(), rnn_batch,
                              jv_method))
+    for jv_method in ("traced", "jvp"):  # the pathological tasks' setting, μ = 0.03
+        rows.append(Workload("tanh RNN-100 T100 B1000, analytic, structural damping", rnn_analytic, SquaredError(),
+                             rnn_batch, jv_method, structural_damping=0.03))
     # The reference the RNN rows are held against: the plain loop a user would write, under autograd.
     plain_loop = PlainLoopRNN(2, 100, 1).to(device)
     for jv_method in ("traced", "jvp"):
@@ -164,7 +168,8 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
         return torch.autograd.grad(loss(model(batch.inputs), batch.targets, batch.mask), params)
 
     def setup():
-        return CurvatureOperator(model, loss, batch, damping=1.0, jv_method=workload.jv_method)
+        return CurvatureOperator(model, loss, batch, damping=1.0, jv_method=workload.jv_method,
+                                 structural_damping=workload.structural_damping)
 
     trace_ms = elapsed_ms(setup, device)
     operator = setup()
@@ -180,7 +185,8 @@ def measure(workload: Workload, device: torch.device, repeats: int) -> dict[str,
     vector_work = cg_with(lambda v: v * 2.0)
     # λ small, so that CG does not converge (residual below float precision) before its last iteration.
     solver = HessianFree(model, loss, gradient_batch_size=batch.size, cg_max_iters=HF_CG_ITERS, cg_tol=0.0,
-                         initial_damping=HF_DAMPING, preconditioner="none", jv_method=workload.jv_method)
+                         initial_damping=HF_DAMPING, preconditioner="none", jv_method=workload.jv_method,
+                         structural_damping=workload.structural_damping)
     stream = FixedBatch(batch)
     for work in (gradient, lambda: operator.mv(vector), vector_work):
         work()  # warm-up
@@ -211,7 +217,9 @@ def reference_hf_update(model: nn.Module, loss: Callable, batch: Batch, cg_iters
     """The peer hfrun's update is held against: one HF update as a user would write it with torch.func,
     no trace. The gradient and the vjp closure from one forward pass; CG on (G + λI) d = −g from d = 0,
     each product Jᵀ(H_L(J v)) + λv with J v by jvp (which reruns the forward pass) and Jᵀ through the
-    cached closure; then the loss at θ + d. Returns that loss; leaves the model as it was."""
+    cached closure; then the loss at θ + d. Returns that loss; leaves the model as it was. It does less than
+    hfrun's update (no backtracking over CG iterates, no line search, no λ adaptation, no warm start), so
+    hf10/peer is biased against hfrun by those forward passes."""
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def forward(params):
@@ -290,6 +298,7 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
             runs[value][0].load_state_dict(first[0].state_dict())
         print(f"update {update}: {stats['cg_iters']} CG iterations")
     base = totals[values[0]]
+    plain_ms = plain_loop_gradient_ms(first[2], first[0])
     for value in values:
         total = totals[value]
         minibatches = total["examples"] / 1000
@@ -298,15 +307,36 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
         print(f"{key}={value:>10}: updates {total['update_s']:.1f} s ({total['update_s'] / base['update_s']:.2f}x), "
               f"CG {total['cg_s']:.1f} s ({total['cg_s'] / base['cg_s']:.2f}x), "
               f"{per_minibatch:.0f} ms per 1000-sequence minibatch; tracing new shapes {total['trace_s']:.1f} s, "
-              f"{untraced:.0f} ms per minibatch without it")
+              f"{untraced:.0f} ms per minibatch without it"
+              + (f" ({per_minibatch / plain_ms:.2f}x and {untraced / plain_ms:.2f}x a plain-loop gradient)"
+                 if plain_ms else ""))
+    if plain_ms:
+        print(f"a plain-loop RNN gradient on 1000 of the task's sequences, same sizes: {plain_ms:.0f} ms")
     return totals
+
+
+def plain_loop_gradient_ms(stream, model: nn.Module, repeats: int = 5) -> float | None:
+    """The M&S unit's yardstick: one gradient of a plain-loop RNN (PlainLoopRNN, the model's sizes) on 1000 of
+    the stream's sequences, median of `repeats`; None for a model that is not hfrun's RNN."""
+    if not isinstance(model, RNN):
+        return None
+    batch = copy.deepcopy(stream).next(1000)
+    plain = PlainLoopRNN(model.input_size, model.hidden_size, model.output_size)
+    params, loss = list(plain.parameters()), SquaredError()
+    targets = torch.zeros(*batch.inputs.shape[:2], model.output_size)
+
+    def gradient():
+        return torch.autograd.grad(loss(plain(batch.inputs), targets, batch.mask), params)
+
+    gradient()
+    return statistics.median(elapsed_ms(gradient, torch.device("cpu")) for _ in range(repeats))
 
 
 def rnn_gradient_table(device: torch.device, scale: float, repeats: int) -> dict[str, float]:
     """The RNN gradient of each implementation against the plain loop's, in interleaved rounds (T = 100, 1000
-    sequences, loss on the last step): hfrun's RNN as is, with its pre-activations kept for structural damping
-    (the loss plus μ·Σ tanh-matching term needs them), and model.impl=loop. Ratios are medians of per-round
-    ratios to the plain loop."""
+    sequences, loss on the last step): hfrun's RNN as is, with its pre-activations a returned for structural
+    damping (a small term in a stands in for its use, so that the gradient flows through them), and
+    model.impl=loop. Ratios are medians of per-round ratios to the plain loop."""
     cases = max(2, int(1000 * scale))
     inputs = torch.randn(cases, 100, 2, device=device)
     targets = torch.randn(cases, 100, 1, device=device)

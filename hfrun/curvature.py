@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, linearize, vjp, vmap
 
 from hfrun.tasks.base import Batch
-from hfrun.traced import TracedProduct, cached_trace, forget_trace, tensor_key, trace_product
+from hfrun.traced import TracedProduct, TraceFailed, cached_trace, forget_trace, tensor_key, trace_product
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,11 @@ class _PreactivationForward(nn.Module):
 
 
 class _TraceCheckFailed(Exception):
-    """A traced product that could not be built or does not match the untraced one."""
+    """A traced product that does not match the untraced one."""
+
+
+class _NotCheckable(Exception):
+    """The untraced product is not finite on this batch: nothing to check a trace against."""
 
 
 class CurvatureOperator:
@@ -168,6 +172,7 @@ class CurvatureOperator:
         self._forward_module = _PreactivationForward(model) if self._structural_damping > 0 else model
         self._param_prefix = "model." if self._structural_damping > 0 else ""
         self._context = _fused_kernels_off if model in _MODELS_WITHOUT_FUSED_FORWARD_AD else contextlib.nullcontext
+        self.trace_seconds = 0.0  # time spent tracing (and checking) products for a new batch shape
         try:
             with self._context():
                 self._cache_primal()
@@ -200,7 +205,6 @@ class CurvatureOperator:
         return self.loss(z, self.batch.targets, self.batch.mask)
 
     def _cache_primal(self) -> None:
-        self.trace_seconds = 0.0  # time spent tracing (and checking) a new product for this batch shape
         self._gradient = None
         self._vjp_fn = None
         self._linearized = None
@@ -241,10 +245,12 @@ class CurvatureOperator:
                 *(() if batch.mask is None else (batch.mask,))]
 
     def _trace_key(self, fixed: list[Tensor]) -> tuple:
-        return (self.loss, self.curvature, self.jv_method == "compiled", self._structural_damping > 0,
-                self._context is _fused_kernels_off,
-                self.model.training, self.spec.names, tuple(self._buffers), self.batch.mask is None,
-                tensor_key(fixed))
+        """What a trace depends on besides the values of its inputs (see hfrun/traced.py)."""
+        loss_settings = tuple(sorted((name, repr(value)) for name, value in vars(self.loss).items()))
+        return (type(self.loss), loss_settings, self.curvature, self.jv_method == "compiled",
+                self._structural_damping > 0, self._context is _fused_kernels_off,
+                tuple(module.training for module in self.model.modules()), self.spec.names, tuple(self._buffers),
+                self.batch.mask is None, tensor_key(fixed))
 
     def _prepare_traced(self) -> tuple[TracedProduct, tuple[Tensor, ...]] | None:
         """(the traced product, this batch's cached primal values), or None: the products then use jvp.
@@ -268,30 +274,41 @@ class CurvatureOperator:
         clock = time.perf_counter()
         try:
             traced = cached_trace(self.model, key, build)
+        except TraceFailed as failure:
+            return self._trace_failed(str(failure))
+        except NotImplementedError:  # a fused kernel without forward-mode AD (cached_trace lets it through)
+            if self._context is not _fused_kernels_off:
+                raise  # __init__ switches to native kernels, and this traces again under them
+            forget_trace(self.model, key, "it could not be traced even with native kernels")
+            return self._trace_failed("it could not be traced even with native kernels")
+        try:
             loss_value, cached = traced.prepare(fixed)
             self.loss_value = float(loss_value)
             if built:
                 self._check_trace(traced, cached)
-                self.trace_seconds = time.perf_counter() - clock
         except torch.OutOfMemoryError:
+            if built:
+                forget_trace(self.model, key, None)  # unchecked: the next batch of this shape traces again
             return None  # this batch only: the untraced products hold fewer intermediates at once
-        except NotImplementedError:
-            if self._context is not _fused_kernels_off:
-                raise  # a fused kernel without forward-mode AD: __init__ switches kernels and traces again
-            return self._trace_failed(key, _TraceCheckFailed("it could not be traced even with native kernels"))
-        except Exception as error:  # noqa: BLE001 - any tracing failure: the untraced product is the same
-            if not isinstance(error, _TraceCheckFailed):
-                error = _TraceCheckFailed(f"it could not be traced ({type(error).__name__}: {str(error)[:300]})")
-            return self._trace_failed(key, error)
+        except _NotCheckable:
+            forget_trace(self.model, key, None)
+            return None
+        except Exception as error:  # noqa: BLE001 - the untraced product is the same
+            message = str(error) if isinstance(error, _TraceCheckFailed) else \
+                f"its primal half failed ({type(error).__name__}: {str(error)[:300]})"
+            if built:
+                forget_trace(self.model, key, message)
+            return self._trace_failed(message)
+        self.trace_seconds += time.perf_counter() - clock if built else 0.0
         return traced, cached
 
-    def _trace_failed(self, key: tuple, error: Exception) -> None:
-        """Remember the failure for `key`, log it once per model type, and let the products use jvp."""
-        forget_trace(self.model, key, error)
+    def _trace_failed(self, message: str) -> None:
+        """Log, once per model type, that products use jvp."""
         level = logging.INFO if self.jv_method == "auto" else logging.WARNING
         _log_once(f"trace_failed:{type(self.model).__name__}:{self.curvature}", level,
                   "jv_method=%s: the %s product of %s is not traced: %s; products use jvp, which reruns the "
-                  "forward pass in every product", self.jv_method, self.curvature, type(self.model).__name__, error)
+                  "forward pass in every product", self.jv_method, self.curvature, type(self.model).__name__,
+                  message)
         return None
 
     def _traceable_product(self) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -352,24 +369,27 @@ class CurvatureOperator:
         return traced.product(cached, [*tangents, scale])
 
     def _check_trace(self, traced: TracedProduct, cached: tuple[Tensor, ...]) -> None:
-        """Raise _TraceCheckFailed unless the traced product of a probe matches the untraced one within
-        1000·eps of its largest entry (both run the same aten ops; they agree to rounding)."""
+        """Raise _TraceCheckFailed unless the traced products of probes u, w and u again (a trace whose replays
+        drift fails the third) match the untraced ones within 1000·eps of their largest entry (both run the
+        same aten ops; they agree to rounding). _NotCheckable where the untraced products are not finite."""
         first = next(iter(self.params.values()))
         generator = torch.Generator(device=first.device).manual_seed(PROBE_SEED)
-        probe = torch.randn(self.num_params, generator=generator, dtype=first.dtype, device=first.device)
+        u, w = (torch.randn(self.num_params, generator=generator, dtype=first.dtype, device=first.device)
+                for _ in range(2))
         damping = 1.0
-        got = self._traced_product(traced, cached, probe, damping)
         reference = CurvatureOperator(self.model, self.loss, self.batch, damping=damping,
                                       structural_damping=self._structural_damping, curvature=self.curvature,
                                       jv_method="jvp")
-        want = reference.mv(probe).sub_(probe, alpha=damping)
-        if not bool(torch.isfinite(want).all()):
-            return  # nothing to compare against on this batch; the next new key is checked again
-        tolerance = 1000 * torch.finfo(want.dtype).eps * float(want.abs().max().clamp_min(1e-30))
-        error = float((want - got).abs().max())
-        if not error <= tolerance:
-            raise _TraceCheckFailed(f"its product differed from the untraced one by {error:.3g} "
-                                    f"(tolerance {tolerance:.3g})")
+        for probe, call in ((u, "first"), (w, "second"), (u, "third")):
+            got = self._traced_product(traced, cached, probe, damping)
+            want = reference.mv(probe).sub_(probe, alpha=damping)
+            if not bool(torch.isfinite(want).all()):
+                raise _NotCheckable
+            tolerance = 1000 * torch.finfo(want.dtype).eps * float(want.abs().max().clamp_min(1e-30))
+            error = float((want - got).abs().max())
+            if not error <= tolerance:
+                raise _TraceCheckFailed(f"its {call} product differed from the untraced one by {error:.3g} "
+                                        f"(tolerance {tolerance:.3g})")
 
     def _linearize(self) -> Callable | None:
         """v ↦ Jv with the primal intermediates kept, or None (then the products use jvp).
@@ -438,9 +458,13 @@ class CurvatureOperator:
         """∇_θ L = Jᵀ ∇_z L, through the cached vjp closure (computed once, returned as a copy)."""
         if self._gradient is None:
             with self._context():
-                if self._vjp_fn is None:  # traced products keep no vjp closure: build it now
+                if self._vjp_fn is None:  # traced products keep no vjp closure: build one for the gradient
+                    used = self.jv_method_used
                     self._cache_untraced()
+                    self.jv_method_used = used
                 self._gradient = self.spec.flatten(self._vjp_fn(self._gradient_cotangents)[0])
+                if self._traced is not None:
+                    self._vjp_fn = None  # the products do not need it; free its activations
         return self._gradient.clone()
 
     def mv(self, v: Tensor) -> Tensor:

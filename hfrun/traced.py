@@ -30,8 +30,12 @@ Safety:
     of silently baking one batch's values into the graph; the caller then falls back to an untraced
     product.
   - Parameters and buffers are inputs of the graph, never constants.
+  - A graph with in-place ops (native RNN kernels' decompositions have some) is traced again through
+    `torch.func.functionalize`, so that no node of one half writes into a tensor the other half reads
+    (functionalizing the function itself fails on custom autograd Functions); the product is never a
+    cached tensor itself.
   - The trace holds the forward pass twice (the vjp's and the jvp's); `merge_common_subexpressions`
-    merges them, and is skipped for a graph that mutates anything.
+    merges them (never random ops), and is skipped for a graph that mutates anything.
   - The caller checks each new trace once against the untraced product (hfrun.curvature).
 A model whose forward depends on Python state other than its parameters, buffers, training flag and
 input shapes would replay stale behaviour: use `solver.jv_method=jvp` for it.
@@ -45,7 +49,8 @@ from typing import Callable, Hashable, Sequence
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.dialect.common.cse_pass import CSEPass
+from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
+from torch.func import functionalize
 
 MAX_TRACES_PER_MODEL = 64  # distinct batch shapes kept per model (least recently used dropped)
 _ALIASES = (torch.ops.aten.alias.default, torch.ops.aten.detach.default)
@@ -69,32 +74,47 @@ class TracedProduct:
         return self.tangent(*cached, *varying)
 
 
+class TraceFailed(Exception):
+    """A product that could not be traced, or whose trace failed its check, for one key."""
+
+
 def cached_trace(model: nn.Module, key: Hashable, build: Callable[[], TracedProduct]) -> TracedProduct:
-    """The trace stored for `model` under `key`, built (and stored) on first use; an exception from
-    `build` is stored too, and raised again on later calls, so a model that cannot be traced is tried once."""
+    """The trace stored for `model` under `key`, built (and stored) on first use. A failure is stored as its
+    message (no traceback: that would keep the failing call's frames, and with them batches and models,
+    alive) and raised again, as TraceFailed, on later calls, so a model that cannot be traced is tried once."""
     traces = _TRACES.setdefault(model, OrderedDict())
     if key not in traces:
         try:
             traces[key] = build()
+        except NotImplementedError as error:
+            if "forward AD" in str(error):
+                raise  # a fused kernel without forward-mode AD: the caller retries under native kernels
+            traces[key] = f"it could not be traced ({type(error).__name__}: {str(error)[:300]})"
         except Exception as error:  # noqa: BLE001 - stored and re-raised to every caller with this key
-            traces[key] = error
+            traces[key] = f"it could not be traced ({type(error).__name__}: {str(error)[:300]})"
         while len(traces) > MAX_TRACES_PER_MODEL:
             traces.popitem(last=False)
     traces.move_to_end(key)
     stored = traces[key]
-    if isinstance(stored, Exception):
-        raise stored
+    if isinstance(stored, str):
+        raise TraceFailed(stored)
     return stored
 
 
-def forget_trace(model: nn.Module, key: Hashable, reason: Exception) -> None:
-    """Store `reason` in place of a trace that failed its check, so that it is not used again."""
-    _TRACES.setdefault(model, OrderedDict())[key] = reason
+def forget_trace(model: nn.Module, key: Hashable, reason: str | None) -> None:
+    """Store `reason` in place of a trace that failed its check, so that it is not used again; with None,
+    drop the trace, so that the next batch of that shape traces and checks again."""
+    traces = _TRACES.setdefault(model, OrderedDict())
+    if reason is None:
+        traces.pop(key, None)
+    else:
+        traces[key] = reason
 
 
 def tensor_key(tensors: Sequence[Tensor | None]) -> tuple:
-    """What a trace depends on in its tensor inputs: shape, dtype and device of each (None for an absent one)."""
-    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in tensors)
+    """What a trace depends on in its tensor inputs: shape, strides, dtype and device of each (None for an
+    absent one)."""
+    return tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 
 def trace_product(function: Callable[..., tuple[Tensor, Tensor]], fixed: Sequence[Tensor],
@@ -106,6 +126,11 @@ def trace_product(function: Callable[..., tuple[Tensor, Tensor]], fixed: Sequenc
     through torch.compile's inductor (compiled at its first call).
     """
     graph_module = make_fx(function, tracing_mode="fake")(*fixed, *varying)
+    if mutates(graph_module):  # e.g. native RNN kernels' decompositions: trace the graph again, functionalized
+        graph_module = make_fx(functionalize(graph_module, remove="mutations_and_views"), tracing_mode="fake")(
+            *fixed, *varying)
+        if mutates(graph_module):
+            raise ValueError("the traced product mutates its inputs")
     graph_module = merge_common_subexpressions(graph_module)
     traced = split_primal_tangent(graph_module, num_fixed=len(fixed))
     if compile_tangent:
@@ -113,19 +138,25 @@ def trace_product(function: Callable[..., tuple[Tensor, Tensor]], fixed: Sequenc
     return traced
 
 
+def mutates(graph_module: fx.GraphModule) -> bool:
+    """Whether any node of the graph writes into a tensor (an in-place or out= op)."""
+    return any(node.op == "call_function" and getattr(node.target, "_schema", None) is not None
+               and node.target._schema.is_mutable for node in graph_module.graph.nodes)
+
+
 def merge_common_subexpressions(graph_module: fx.GraphModule) -> fx.GraphModule:
     """The graph with aliases replaced by what they alias and repeated pure operations merged (torch.fx's
-    CSEPass), dead code dropped; unchanged where anything is mutated in place, where both are unsafe."""
+    CSEPass, random ops excepted), dead code dropped; unchanged where anything is mutated in place, where both
+    are unsafe (`trace_product` functionalizes such graphs first)."""
     graph = graph_module.graph
-    if any(node.op == "call_function" and getattr(node.target, "_schema", None) is not None
-           and node.target._schema.is_mutable for node in graph.nodes):
+    if mutates(graph_module):
         return graph_module
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _ALIASES:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     graph_module.recompile()
-    merged = CSEPass()(graph_module).graph_module
+    merged = CSEPass(get_CSE_banned_ops())(graph_module).graph_module  # random ops are never merged
     merged.graph.eliminate_dead_code()
     merged.recompile()
     return merged
@@ -167,7 +198,10 @@ def split_primal_tangent(graph_module: fx.GraphModule, num_fixed: int) -> Traced
     for node in graph.nodes:
         if node in varying and node.op != "placeholder":
             tangent_env[node] = tangent_graph.node_copy(node, lambda arg: tangent_env[arg])
-    tangent_graph.output(tangent_env[product_node])
+    product = tangent_env[product_node]
+    if product_node not in varying:  # a copy, never a cached tensor: callers may add to the product in place
+        product = tangent_graph.call_function(torch.ops.aten.clone.default, (product,))
+    tangent_graph.output(product)
     primal, tangent = fx.GraphModule(graph_module, primal_graph), fx.GraphModule(graph_module, tangent_graph)
     for half in (primal, tangent):
         half.graph.eliminate_dead_code()

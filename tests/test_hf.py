@@ -34,7 +34,7 @@ def _linear_params(model: MLP) -> torch.Tensor:
     return torch.cat([layer.weight.detach().reshape(-1), layer.bias.detach()])
 
 
-@pytest.mark.parametrize("jv_method", JV_METHODS)
+@pytest.mark.parametrize("jv_method", [m for m in JV_METHODS if m != "compiled"])  # compiled: test_traced
 def test_linear_least_squares_reaches_optimum_in_few_updates(jv_method):
     torch.manual_seed(0)
     task = LinearRegression(name="linreg", seed=0, device="cpu", dtype=torch.float64)

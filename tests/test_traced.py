@@ -49,6 +49,7 @@ def test_traced_products_match_dense_with_structural_damping(problem, curvature_
     operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu,
                                  curvature=curvature_name, jv_method="traced")
     assert operator.jv_method_used == "traced"
+    assert not traced.mutates(operator._traced[0].tangent) and not traced.mutates(operator._traced[0].primal)
     identity = torch.eye(operator.num_params, dtype=torch.float64)
     expected = (dense_ggn if curvature_name == "ggn" else dense_hessian)(model, loss, batch) + damping * identity
     if mu:
@@ -199,3 +200,57 @@ def test_compiled_products_match_dense():
     identity = torch.eye(operator.num_params, dtype=torch.float64)
     expected = dense_ggn(model, loss, batch) + damping * identity + mu * damping * dense_structural_ggn(model, batch)
     assert_close_matrices(operator_matrix(operator), expected)
+
+
+def test_a_failed_trace_keeps_nothing_alive():
+    """A stored failure is a message, not an exception whose traceback holds the operator, batch and model."""
+    import gc
+    import weakref
+
+    torch.manual_seed(29)
+    model = ValueDependentMLP().double()
+    batch = Batch(torch.rand(4, 3, dtype=torch.float64) + 0.1, torch.randn(4, 2, dtype=torch.float64))
+    operators = [CurvatureOperator(model, LOSSES["mse"], batch) for _ in range(2)]
+    assert all(operator.jv_method_used == "jvp" for operator in operators)
+    alive = [weakref.ref(operator) for operator in operators]
+    del operators
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
+class ModeDependent(nn.Module):
+    """A submodule whose training flag changes the function (as dropout or batch norm would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.head = nn.Sequential(nn.Tanh())
+
+    def forward(self, x):
+        hidden = self.layer(x)
+        return self.head(hidden) if self.head.training else hidden
+
+
+def test_a_submodule_switched_to_eval_gets_its_own_trace(count_traces):
+    torch.manual_seed(30)
+    model = ModeDependent().double()
+    batch = Batch(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
+    for training in (True, False):
+        model.head.train(training)
+        operator = CurvatureOperator(model, LOSSES["mse"], batch)
+        assert operator.jv_method_used == "traced"
+        assert_close_matrices(operator_matrix(operator), dense_ggn(model, LOSSES["mse"], batch))
+    assert len(count_traces) == 2
+
+
+def test_a_product_that_ignores_the_tangent_is_a_fresh_tensor():
+    """The caller adds λv to the product in place: it must never be a cached tensor."""
+
+    def function(w, v):
+        return torch.tanh(w) * 2, w.sum()
+
+    w = torch.randn(3)
+    traced_product = split_primal_tangent(make_fx(function)(w, torch.randn(3)), num_fixed=1)
+    _, cached = traced_product.prepare([w])
+    traced_product.product(cached, [torch.randn(3)]).add_(100.0)
+    torch.testing.assert_close(traced_product.product(cached, [torch.randn(3)]), torch.tanh(w) * 2)
