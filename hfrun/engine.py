@@ -25,7 +25,7 @@ from hfrun.allocator import keep_freed_memory, release_free_memory
 from hfrun.checkpoint import OutputError, load_checkpoint, save_checkpoint
 from hfrun.config import check_option_types
 from hfrun.errors import HfrunError
-from hfrun.logging import RunLogger, print_summary, record
+from hfrun.logging import RunLogger, hparams_of, print_summary, record
 from hfrun.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -416,7 +416,7 @@ class Run:
             return p, status
         final = copy.deepcopy(p)
         metrics = self._evaluate()
-        logger.log_eval(p.update, metrics)
+        logger.log_eval(p.update, metrics, final=True)
         final.last_eval, final.eval_update = dict(metrics), p.update
         if (self._record_solved(final, metrics) and self.cfg.run.stop_when_solved
                 and status in ("budget", "interrupted", "stalled")):
@@ -428,7 +428,8 @@ class Run:
         logger = RunLogger(self.run_dir, OmegaConf.to_yaml(cfg), tensorboard=cfg.logger.tensorboard,
                            progress=cfg.logger.progress, max_updates=cfg.run.max_updates,
                            max_seconds=cfg.run.max_seconds, start_update=p.update, start_seconds=p.wall_time_s,
-                           metric_name=self.task.metric_name)
+                           metric_name=self.task.metric_name,
+                           hparams=hparams_of(OmegaConf.to_container(cfg, resolve=True)))
         status, message, final = None, None, p
         started = time.monotonic() - p.wall_time_s
         try:
@@ -448,11 +449,11 @@ class Run:
         except OutputError as error:
             status, message = "error", str(error) + " " + self._resume_advice()
         except Exception as error:
+            logger.close()
             self._write_summary(p, "error", f"{type(error).__name__}: {error}")
             raise
-        finally:
-            logger.close()
         summary = self._write_summary(final, status, message)
+        logger.close(summary)
         if status == "error":  # a file could not be written: the run cannot be trusted to have been saved
             print_summary(summary)
             raise OutputError(message)

@@ -1,9 +1,22 @@
-"""Where a run reports: TensorBoard scalars, a live rich progress line, the final table, and run.log.
+"""Where a run reports: TensorBoard scalars and HParams, metrics.jsonl, a live rich progress line, the final
+table, and run.log.
 
 Every solver logs through the same call, `RunLogger.log_update(update, stats)`:
 the loss under `train/`, counters under `counts/`, wall time under `time/` and
 every other numeric statistic the solver returns (learning rate, λ, ρ, CG
 iterations…) under `solver/`.
+
+metrics.jsonl holds the same per-update figures, one JSON object per line: {"kind": "update", "update",
+"wall_s", "examples_grad", "examples_curv", "loss", <solver statistics>} after each update and {"kind": "eval",
+"update", "wall_s", "examples_grad", "examples_curv", "val": {metric: value}} after each evaluation (kind
+"final_eval" for the evaluation of the model a run stopped at between scheduled ones). It is
+what `hfrun-report --plot` reads: plain JSON that any tool can read, written whether TensorBoard is on or off,
+where reading TensorBoard's event files back would need its reader and its purge rules. A resumed run drops
+the lines after its checkpoint's update (as TensorBoard's purge_step does) and the stopped session's final
+evaluation, so the file continues as if the run had never stopped.
+
+At the end of a run (`close(summary)`), the HParams entry records the run's hyperparameters and its final
+figures, so that TensorBoard's HParams tab compares a sweep's runs.
 
 run.log is the console log: Hydra's file handler writes the log messages to it,
 and `record` (a logger that writes to that file only) adds what the console
@@ -14,8 +27,10 @@ a library user) `record` has no handler and writes nothing.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -25,10 +40,70 @@ from rich.table import Table
 from rich.text import Text
 from torch.utils.tensorboard import SummaryWriter
 
+from hfrun.checkpoint import OutputError
+
 console = Console(stderr=True)
 record = logging.getLogger("hfrun.record")  # configs/config.yaml sends it to run.log only
 
 COUNTERS = ("examples_grad", "examples_curv")
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFile:
+    """metrics.jsonl of a run (see the module docstring): opened for appending, each line flushed as written."""
+
+    def __init__(self, path: Path, start_update: int):
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if start_update and path.is_file():
+                self._keep_up_to(start_update)
+            self.file = path.open("a" if start_update else "w", encoding="utf-8")
+        except OSError as error:
+            raise OutputError(f"{path} could not be written ({error}). Free space or fix permissions on the run "
+                              "directory, then start again (or resume with run.resume=<run dir>).") from None
+
+    def _keep_up_to(self, update: int) -> None:
+        """Drop the lines a stopped run wrote after its checkpoint (written to a temporary file, then renamed)."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                if record["update"] <= update and record["kind"] != "final_eval":
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                break  # a line cut short by a crash: it and anything after it go
+        temporary = self.path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+    def write(self, record: dict) -> None:
+        try:
+            self.file.write(json.dumps(record, allow_nan=True) + "\n")
+            self.file.flush()
+        except OSError as error:
+            raise OutputError(f"{self.path} could not be written ({error}): the disk may be full. Free space, "
+                              "then resume with run.resume=<run dir>.") from None
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def hparams_of(config: dict) -> dict[str, float | int | str | bool]:
+    """The run's hyperparameters for TensorBoard's HParams tab: the task, model and solver chosen, the seed,
+    and every scalar setting under solver, model and task (lists and tables as text), flattened with dots."""
+    def flatten(prefix: str, value) -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() if key == "_target_" or not str(key).startswith("_")
+                    for k, v in flatten(f"{prefix}.{key}", item).items()}
+        if value is None or isinstance(value, (list, tuple)):
+            return {prefix: str(value)}
+        return {prefix: value} if isinstance(value, (bool, int, float, str)) else {prefix: str(value)}
+
+    hparams = {"seed": config.get("seed")}
+    for group in ("task", "model", "solver"):
+        hparams.update(flatten(group, config.get(group) or {}))
+    return {key: value for key, value in hparams.items() if value is not None and "solver_hints" not in key}
 
 
 def _clock(seconds: float) -> str:
@@ -39,10 +114,13 @@ def _clock(seconds: float) -> str:
 class RunLogger:
     def __init__(self, run_dir: Path, config_yaml: str, *, tensorboard: bool, progress: bool,
                  max_updates: int, start_update: int, metric_name: str, max_seconds: float | None = None,
-                 start_seconds: float = 0.0):
+                 start_seconds: float = 0.0, hparams: dict | None = None):
         self.metric_name, self.max_updates, self.max_seconds = metric_name, max_updates, max_seconds
         self.start_update, self.start_seconds, self.started = start_update, start_seconds, time.monotonic()
         self.loss, self.metric, self.wall_time = "-", "-", start_seconds
+        self.hparams = hparams or {}
+        self.counters = {key: 0 for key in COUNTERS}
+        self.metrics_file = MetricsFile(Path(run_dir) / METRICS_FILE, start_update)
         self.writer = None
         if tensorboard:
             # purge_step drops events a stopped run wrote after its last checkpoint.
@@ -84,6 +162,10 @@ class RunLogger:
 
     def log_update(self, update: int, stats: dict, counters: dict[str, float], wall_time: float) -> None:
         self.loss = f"{stats['loss']:.4g}"
+        self.counters = {key: counters[key] for key in COUNTERS}
+        self.metrics_file.write({"kind": "update", "update": update, "wall_s": wall_time, **self.counters,
+                                 **{key: value for key, value in stats.items() if key not in COUNTERS
+                                    and isinstance(value, (int, float))}})
         if self.writer:
             self.writer.add_scalar("train/loss", stats["loss"], update)
             for key, value in stats.items():
@@ -97,7 +179,11 @@ class RunLogger:
             self.progress.update(self.progress_task, completed=self._budget_spent(update, wall_time),
                                  where=self._where(update), loss=self.loss, eta=self._eta(update, wall_time))
 
-    def log_eval(self, update: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, update: int, metrics: dict[str, float], final: bool = False) -> None:
+        """An evaluation's figures; `final` for the one a run makes of the model it stopped at between
+        scheduled evaluations (metrics.jsonl kind "final_eval", dropped if the run is resumed)."""
+        self.metrics_file.write({"kind": "final_eval" if final else "eval", "update": update, "wall_s": self.wall_time, **self.counters,
+                                 "val": dict(metrics)})
         if self.writer:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"val/{key}", value, update)
@@ -107,10 +193,21 @@ class RunLogger:
         if self.progress:
             self.progress.update(self.progress_task, metric=self.metric)
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        """Stop the progress line and close the files; with the run's summary, write its HParams entry."""
         if self.progress:
             self.progress.stop()
+        self.metrics_file.close()
         if self.writer:
+            if summary is not None and self.hparams:
+                figures = {f"hparams/{key}": value for key, value in summary.items()
+                           if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                           and (key.startswith(("final_", "best_")) or key in ("updates", "minibatches", "wall_time_s"))}
+                figures["hparams/solved"] = float(bool(summary.get("solved")))
+                try:
+                    self.writer.add_hparams(self.hparams, figures, run_name=".")
+                except Exception as error:  # noqa: BLE001 - the run's results are saved; only the tab lacks it
+                    say(f"TensorBoard's HParams entry could not be written ({type(error).__name__}: {error}).")
             self.writer.close()
 
 

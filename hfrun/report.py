@@ -1,4 +1,4 @@
-"""Summarize runs: `python -m hfrun.report <dir> ...` reads every summary.json below the given
+"""Summarize runs: `hfrun-report <dir> ...` (or `python -m hfrun.report`) reads every summary.json below the given
 directories and prints, per (task, solver), the number of runs and how they ended (status), and for
 tasks with a success criterion the failure rate and the mean thousands of 1000-sequence minibatches to
 success over the successful runs — the units of Martens & Sutskever (2011), Figure 3 — and the mean
@@ -13,17 +13,29 @@ status column but count neither as failures nor as successes.
 `.hydra/config.yaml` next to its summary.json ("?" where a run has none; runs whose config
 lacks the key, such as HF for solver.lr, are not split).
 
+`--format markdown|csv` prints the table for a README or a spreadsheet instead of the console table.
+
+`--plot FILE.png` draws, from each run's metrics.jsonl (hfrun/logging.py), the training loss and the
+held-out metric against wall-clock seconds, examples processed and updates: one line per (task, solver
+and split keys), the mean over its runs (seeds) with a band from their minimum to their maximum, each run
+interpolated onto a common grid up to the shortest run's end; a log scale where the values span more than
+two decades. Runs without metrics.jsonl (written since this command existed) are left out, and named.
+
 Exit status 1, with the reason, when a directory does not exist, holds no summary.json, or holds a
 summary.json that is not an hfrun summary.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import math
 import statistics
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -78,6 +90,7 @@ def collect(directories: list[Path], split_by: tuple[str, ...] = ()) -> dict[tup
                              "writes summary.json when it ends).")
         for path in paths:
             summary = _read(path)
+            summary["_path"] = str(path)
             settings = run_settings(path, split_by)
             label = " ".join([str(summary["solver"]), *(f"{k}={v}" for k, v in settings.items() if v is not None)])
             runs[str(summary["task"]), label].append(summary)
@@ -114,24 +127,159 @@ def rows(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("directories", nargs="+", type=Path)
-    parser.add_argument("--split-by", action="append", default=[], metavar="KEY",
-                        help="a dotted config key, e.g. solver.lr, whose values get separate rows")
-    args = parser.parse_args(argv)
-    try:
-        table_rows = rows(collect(args.directories, tuple(args.split_by)))
-    except HfrunError as error:
-        Console(stderr=True).print(f"[bold red]hfrun.report:[/] {error}")
-        sys.exit(1)
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else "–" if value is None else str(value)
+
+
+def render(table_rows: list[dict], fmt: str) -> str | Table:
+    """The rows as a rich Table (fmt "table"), a Markdown table or CSV text."""
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(COLUMNS)
+        writer.writerows([["" if row[c] is None else row[c] if not isinstance(row[c], list) else
+                           " ".join(map(str, row[c])) for c in COLUMNS] for row in table_rows])
+        return buffer.getvalue()
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in table_rows]
+        return "\n".join(lines) + "\n"
     table = Table(title="runs")
     for column in COLUMNS:
         table.add_column(column)
     for row in table_rows:
-        table.add_row(*(f"{row[c]:.3g}" if isinstance(row[c], float) else "–" if row[c] is None else str(row[c])
-                        for c in COLUMNS))
-    Console(width=220).print(table)
+        table.add_row(*(_cell(row[c]) for c in COLUMNS))
+    return table
+
+
+def read_metrics(summary_path: Path) -> list[dict] | None:
+    """The records of metrics.jsonl beside a summary.json, or None where the run has none; a line cut short
+    (a crash while writing) ends the records."""
+    path = Path(summary_path).parent / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    return records
+
+
+X_AXES = (("wall_s", "wall-clock seconds"), ("examples", "examples processed (gradient + curvature)"),
+          ("update", "updates"))
+
+
+def curves(records: list[dict], kind: str, value: Callable[[dict], float | None]) -> dict[str, tuple[list, list]]:
+    """x key → (xs, ys) of the records of one kind whose value is finite."""
+    kinds = (kind, "final_eval") if kind == "eval" else (kind,)
+    chosen = [(r, value(r)) for r in records if r.get("kind") in kinds]
+    chosen = [(r, v) for r, v in chosen if v is not None and math.isfinite(v)]
+    out = {}
+    for key, _ in X_AXES:
+        xs = [r["examples_grad"] + r["examples_curv"] if key == "examples" else r[key] for r, _ in chosen]
+        out[key] = (xs, [v for _, v in chosen])
+    return out
+
+
+def band(runs: list[tuple[list, list]], points: int = 200):
+    """(grid, mean, low, high) over runs interpolated on a common grid up to the shortest run's end."""
+    import numpy as np
+
+    runs = [(np.asarray(x, dtype=float), np.asarray(y, dtype=float)) for x, y in runs if len(x)]
+    if not runs:
+        return None
+    end = min(x[-1] for x, _ in runs)
+    start = max(x[0] for x, _ in runs)
+    grid = np.linspace(start, end, points) if end > start else np.array([end])
+    values = np.stack([np.interp(grid, x, y) for x, y in runs])
+    return grid, values.mean(0), values.min(0), values.max(0)
+
+
+def plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> list[str]:
+    """Write the figure described in the module docstring to `path`; returns the runs left out (no metrics)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise HfrunError("--plot needs matplotlib, which is not installed here: pip install matplotlib "
+                         "(or reinstall hfrun, which depends on it).") from None
+    left_out, series = [], {}
+    for (task, label), summaries in sorted(runs.items()):
+        loaded = []
+        for summary in summaries:
+            records = read_metrics(Path(summary["_path"]))
+            if records is None:
+                left_out.append(str(Path(summary["_path"]).parent))
+            else:
+                loaded.append((records, summary.get("metric")))
+        if loaded:
+            series[f"{task} · {label}"] = loaded
+    if not series:
+        raise HfrunError("No run below these directories has a metrics.jsonl to plot (runs write it since "
+                         "`hfrun-report --plot` exists). Report without --plot, or run them again.")
+    figure, axes = plt.subplots(2, len(X_AXES), figsize=(5 * len(X_AXES), 8), squeeze=False)
+    metric_names = set()
+    for name, loaded in series.items():
+        metric = next((m for _, m in loaded if m), None)
+        metric_names.add(metric)
+        rows_of_curves = [[curves(records, "update", lambda r: r.get("loss")) for records, _ in loaded],
+                          [curves(records, "eval", lambda r: r.get("val", {}).get(metric)) for records, _ in loaded]]
+        for row, per_run in enumerate(rows_of_curves):
+            for column, (key, _) in enumerate(X_AXES):
+                summary_band = band([c[key] for c in per_run])
+                if summary_band is None:
+                    continue
+                grid, mean, low, high = summary_band
+                line, = axes[row][column].plot(grid, mean, label=f"{name} ({len(per_run)} runs)")
+                if len(per_run) > 1:
+                    axes[row][column].fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
+    metric_label = ", ".join(sorted(str(m) for m in metric_names if m)) or "metric"
+    for row, what in enumerate(("training loss", f"held-out {metric_label}")):
+        for column, (_, x_label) in enumerate(X_AXES):
+            ax = axes[row][column]
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(what)
+            values = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0]
+            if values and max(values) / min(values) > 100:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle("mean over runs, band from minimum to maximum")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return left_out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hfrun-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directories", nargs="+", type=Path)
+    parser.add_argument("--split-by", action="append", default=[], metavar="KEY",
+                        help="a dotted config key, e.g. solver.lr, whose values get separate rows")
+    parser.add_argument("--format", choices=["table", "markdown", "csv"], default="table",
+                        help="the console table (default), a Markdown table, or CSV")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="also draw the loss and held-out metric curves of the runs into this image")
+    args = parser.parse_args(argv)
+    try:
+        runs = collect(args.directories, tuple(args.split_by))
+        table_rows = rows(runs)
+        left_out = plot(runs, args.plot) if args.plot else []
+    except HfrunError as error:
+        Console(stderr=True).print(f"[bold red]hfrun-report:[/] {error}")
+        sys.exit(1)
+    rendered = render(table_rows, args.format)
+    if isinstance(rendered, str):
+        sys.stdout.write(rendered)
+    else:
+        Console(width=220).print(rendered)
+    if args.plot:
+        Console(stderr=True).print(f"wrote {args.plot}" + (f"; left out (no metrics.jsonl): {', '.join(left_out)}"
+                                                             if left_out else ""))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ def _without_timing(summary: dict) -> dict:
 HF_SMALL = ["model=mlp", "model.hidden_sizes=[8]", "solver.gradient_batch_size=500", "solver.cg_max_iters=20"]
 
 
+def _metrics_records(run_dir):
+    """metrics.jsonl's records without their timings (wall_s, the solver's time_* figures)."""
+    return [{key: value for key, value in json.loads(line).items() if key != "wall_s" and not key.startswith("time_")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("solver,extra", [("sgd", ["solver.lr=0.01"]), ("adam", ["solver.lr=0.01"]),
                                           ("hf", HF_SMALL),
                                           ("sgn", ["model=mlp", "model.hidden_sizes=[8]", "solver.batch_size=200",
@@ -81,6 +87,23 @@ def test_resume_equals_uninterrupted(make_config, tmp_path, solver, extra):
     assert _without_timing(resumed) == _without_timing(expected)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed_run.model.state_dict().items()):
         assert torch.equal(a, b), name
+    # metrics.jsonl continues where the checkpoint stood: the same records as the straight run's, but the clock
+    assert _metrics_records(tmp_path / "stopped") == _metrics_records(tmp_path / "straight")
+
+
+def test_hparams_entry_holds_the_settings_and_final_figures(make_config, tmp_path):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    summary = Run(make_config(*FAST), tmp_path).train()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["seed"].number_value == 0 and start.hparams["solver._target_"].string_value.endswith("Adam")
+    assert start.hparams["solver.lr"].number_value > 0
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {"hparams/final_val_mse", "hparams/solved"} <= {m.name.tag for m in experiment.metric_infos}
+    value = [e for e in events.Scalars("hparams/final_val_mse")][0].value
+    assert value == pytest.approx(summary["final_val_mse"], rel=1e-6)
 
 
 def test_tensorboard_tags(make_config, tmp_path):
@@ -390,6 +413,8 @@ def test_sigkill_during_a_checkpoint_write_then_exact_resume(make_config, tmp_pa
     assert _without_timing(resumed) == _without_timing(expected)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed_run.model.state_dict().items()):
         assert torch.equal(a, b), name
+    # the lines the killed process wrote after its checkpoint are dropped on resume
+    assert _metrics_records(killed_dir) == _metrics_records(tmp_path / "straight")
 
 
 def test_a_model_that_does_not_fit_the_task_is_named(make_config, tmp_path):

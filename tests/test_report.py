@@ -86,3 +86,63 @@ def test_unusable_input_is_an_error_with_exit_status_1(tmp_path, capsys, make, f
     with pytest.raises(SystemExit) as exited:
         main([str(path)])
     assert exited.value.code == 1 and fragment.split(":")[0] in " ".join(capsys.readouterr().err.split())
+
+
+def _metrics(directory, slope, updates=20):
+    """metrics.jsonl of a run whose loss falls as exp(−slope·update) and whose error is evaluated every 5."""
+    import math
+
+    lines = []
+    for update in range(1, updates + 1):
+        record = {"kind": "update", "update": update, "wall_s": 0.1 * update, "examples_grad": 1000 * update,
+                  "examples_curv": 500 * update, "loss": math.exp(-slope * update), "lambda": 1.0}
+        lines.append(json.dumps(record))
+        if update % 5 == 0:
+            lines.append(json.dumps({**{k: record[k] for k in ("update", "wall_s", "examples_grad", "examples_curv")},
+                                     "kind": "eval", "val": {"error": 0.5 / update}}))
+    (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_markdown_and_csv_hold_the_table_values(tmp_path, capsys):
+    _summary(tmp_path / "0", "addition_T30", "hf", True, 1000.0, update=10)
+    _summary(tmp_path / "1", "addition_T30", "hf", False, None)
+    main([str(tmp_path), "--format", "markdown"])
+    markdown = capsys.readouterr().out.splitlines()
+    assert markdown[0].startswith("| task | solver | runs |") and markdown[1].startswith("|---|")
+    assert markdown[2].startswith("| addition_T30 | hf | 2 | budget 1, solved 1 | 0.5 | 1 | 10 |")
+    main([str(tmp_path), "--format", "csv"])
+    import csv
+    table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert table[0]["task"] == "addition_T30" and float(table[0]["failure_rate"]) == 0.5
+    assert float(table[0]["kminibatches_to_success"]) == 1.0
+
+
+def test_plot_writes_a_figure_of_every_configuration(tmp_path, capsys):
+    import matplotlib.image
+
+    for index, (solver, slope) in enumerate([("hf", 0.5), ("hf", 0.6), ("sgd", 0.05)]):
+        _summary(tmp_path / str(index), "addition_T30", solver, False, None)
+        _metrics(tmp_path / str(index), slope)
+    _summary(tmp_path / "old", "addition_T30", "hf", False, None)  # a run from before metrics.jsonl
+    figure = tmp_path / "curves.png"
+    main([str(tmp_path), "--plot", str(figure)])
+    err = capsys.readouterr().err
+    assert "wrote" in err and "old" in err, "the run without metrics.jsonl is named"
+    image = matplotlib.image.imread(figure)
+    assert image.shape[0] > 400 and image.shape[1] > 1000
+    assert image[..., :3].std() > 0.05, "the figure is not blank"
+
+
+def test_band_is_the_mean_and_range_of_the_runs_on_a_common_grid():
+    from hfrun.report import band
+
+    grid, mean, low, high = band([([0, 10], [0, 10]), ([0, 5], [2, 7])], points=6)
+    assert list(grid) == [0, 1, 2, 3, 4, 5], "up to the shortest run's end"
+    assert list(mean) == [1, 2, 3, 4, 5, 6] and list(low) == [0, 1, 2, 3, 4, 5] and list(high) == [2, 3, 4, 5, 6, 7]
+
+
+def test_plot_without_any_metrics_is_an_error(tmp_path, capsys):
+    _summary(tmp_path / "0", "addition_T30", "hf", False, None)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--plot", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 1 and "metrics.jsonl" in capsys.readouterr().err
