@@ -38,9 +38,11 @@ def _sweep_job_failed(cfg: DictConfig, run_dir: Path, message: str) -> float:
     return math.inf
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Train one configuration; return the value a sweep minimizes (the best validation objective)."""
+def train_job(cfg: DictConfig) -> float:
+    """Train one configuration; return the value a sweep minimizes (the best validation objective).
+
+    A module-level function, decorated below rather than here, so that launchers that send jobs to other
+    processes (joblib, submitit) pickle it by reference instead of by value with its module's globals."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -85,3 +87,6 @@ def main(cfg: DictConfig) -> float:
     best = summary.get(f"best_val_{summary['objective']}")
     best = summary.get(f"final_val_{summary['objective']}") if best is None else best
     return math.inf if best is None else best
+
+
+main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(train_job)
