@@ -459,32 +459,34 @@ class Run:
         logger = RunLogger(self.run_dir, OmegaConf.to_yaml(cfg), tensorboard=cfg.logger.tensorboard,
                            progress=cfg.logger.progress, max_updates=cfg.run.max_updates,
                            max_seconds=cfg.run.max_seconds, start_update=p.update, start_seconds=p.wall_time_s,
-                           metric_name=self.task.metric_name,
+                           metric_name=self.task.metric_name, start_counters=asdict(p),
                            hparams=hparams_of(OmegaConf.to_container(cfg, resolve=True)))
-        status, message, final = None, None, p
+        status, message, final, summary = None, None, p, None
         started = time.monotonic() - p.wall_time_s
         try:
-            with StopRequest() as stop:
-                if p.update >= cfg.run.max_updates:
-                    status = "budget"
-                while status is None:
-                    status, message = self._update(stop, logger, started)
-                if status != "diverged":
-                    save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
-                final, status = self._final_progress(status, logger)
-        except KeyboardInterrupt:
-            status = "interrupted"
-            figures = (f"the final figures are those of the evaluation at update {p.eval_update}, not of the "
-                       "model the run stopped at" if p.last_eval else "no evaluation had been made")
-            message = f"Aborted by a second Ctrl-C during update {p.update + 1}; {figures}. {self._resume_advice()}"
-        except OutputError as error:
-            status, message = "error", str(error) + " " + self._resume_advice()
-        except Exception as error:
-            logger.close()
-            self._write_summary(p, "error", f"{type(error).__name__}: {error}")
-            raise
-        summary = self._write_summary(final, status, message)
-        logger.close(summary)
+            try:
+                with StopRequest() as stop:
+                    if p.update >= cfg.run.max_updates:
+                        status = "budget"
+                    while status is None:
+                        status, message = self._update(stop, logger, started)
+                    if status != "diverged":
+                        save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
+                    final, status = self._final_progress(status, logger)
+            except KeyboardInterrupt:
+                status = "interrupted"
+                figures = (f"the final figures are those of the evaluation at update {p.eval_update}, not of the "
+                           "model the run stopped at" if p.last_eval else "no evaluation had been made")
+                message = (f"Aborted by a second Ctrl-C during update {p.update + 1}; {figures}. "
+                           f"{self._resume_advice()}")
+            except OutputError as error:
+                status, message = "error", str(error) + " " + self._resume_advice()
+            except Exception as error:
+                self._write_summary(p, "error", f"{type(error).__name__}: {error}")
+                raise
+            summary = self._write_summary(final, status, message)
+        finally:  # whatever happened: stop the progress line, close the files (the HParams entry with a summary)
+            logger.close(summary)
         if status == "error":  # a file could not be written: the run cannot be trusted to have been saved
             print_summary(summary)
             raise OutputError(message)

@@ -78,8 +78,24 @@ class MetricsFile:
         os.replace(temporary, self.path)
 
     def write(self, record: dict) -> None:
+        """One record as strict JSON: a NaN or infinite figure is written as null and named under non_finite
+        (as summary.json does), e.g. {"rho": null, ..., "non_finite": {"rho": "nan"}}; "val.error" for a
+        held-out figure."""
+        non_finite = {}
+
+        def strict(path: str, value):
+            if isinstance(value, dict):
+                return {key: strict(f"{path}.{key}", item) for key, item in value.items()}
+            if isinstance(value, float) and not math.isfinite(value):
+                non_finite[path] = str(value)
+                return None
+            return value
+
+        record = {key: strict(key, value) for key, value in record.items()}
+        if non_finite:
+            record["non_finite"] = non_finite
         try:
-            self.file.write(json.dumps(record, allow_nan=True) + "\n")
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
         except OSError as error:
             raise OutputError(f"{self.path} could not be written ({error}): the disk may be full. Free space, "
@@ -103,7 +119,8 @@ def hparams_of(config: dict) -> dict[str, float | int | str | bool]:
     hparams = {"seed": config.get("seed")}
     for group in ("task", "model", "solver"):
         hparams.update(flatten(group, config.get(group) or {}))
-    return {key: value for key, value in hparams.items() if value is not None and "solver_hints" not in key}
+    return {key: value for key, value in hparams.items()
+            if value is not None and value != "???" and "solver_hints" not in key}
 
 
 def _clock(seconds: float) -> str:
@@ -114,19 +131,19 @@ def _clock(seconds: float) -> str:
 class RunLogger:
     def __init__(self, run_dir: Path, config_yaml: str, *, tensorboard: bool, progress: bool,
                  max_updates: int, start_update: int, metric_name: str, max_seconds: float | None = None,
-                 start_seconds: float = 0.0, hparams: dict | None = None):
+                 start_seconds: float = 0.0, hparams: dict | None = None, start_counters: dict | None = None):
         self.metric_name, self.max_updates, self.max_seconds = metric_name, max_updates, max_seconds
         self.start_update, self.start_seconds, self.started = start_update, start_seconds, time.monotonic()
         self.loss, self.metric, self.wall_time = "-", "-", start_seconds
         self.hparams = hparams or {}
-        self.counters = {key: 0 for key in COUNTERS}
-        self.metrics_file = MetricsFile(Path(run_dir) / METRICS_FILE, start_update)
+        self.counters = {key: (start_counters or {}).get(key, 0) for key in COUNTERS}
         self.writer = None
         if tensorboard:
             # purge_step drops events a stopped run wrote after its last checkpoint.
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_update + 1 if start_update else None)
             if not start_update:
                 self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
+        self.metrics_file = MetricsFile(Path(run_dir) / METRICS_FILE, start_update)
         self.progress = None
         if progress:
             # The bar shows the share of the budget spent: updates, or seconds where run.max_seconds binds first.
@@ -182,8 +199,8 @@ class RunLogger:
     def log_eval(self, update: int, metrics: dict[str, float], final: bool = False) -> None:
         """An evaluation's figures; `final` for the one a run makes of the model it stopped at between
         scheduled evaluations (metrics.jsonl kind "final_eval", dropped if the run is resumed)."""
-        self.metrics_file.write({"kind": "final_eval" if final else "eval", "update": update, "wall_s": self.wall_time, **self.counters,
-                                 "val": dict(metrics)})
+        self.metrics_file.write({"kind": "final_eval" if final else "eval", "update": update,
+                                 "wall_s": self.wall_time, **self.counters, "val": dict(metrics)})
         if self.writer:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"val/{key}", value, update)
@@ -194,21 +211,31 @@ class RunLogger:
             self.progress.update(self.progress_task, metric=self.metric)
 
     def close(self, summary: dict | None = None) -> None:
-        """Stop the progress line and close the files; with the run's summary, write its HParams entry."""
+        """Stop the progress line and close the files, each on its own (a full disk must not keep the others
+        open); with the run's summary, first write its HParams entry."""
         if self.progress:
             self.progress.stop()
-        self.metrics_file.close()
+        try:
+            self.metrics_file.close()
+        except OSError as error:
+            say(f"{self.metrics_file.path} could not be closed ({error}); its last lines may be missing.")
         if self.writer:
             if summary is not None and self.hparams:
-                figures = {f"hparams/{key}": value for key, value in summary.items()
-                           if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                           and (key.startswith(("final_", "best_")) or key in ("updates", "minibatches", "wall_time_s"))}
-                figures["hparams/solved"] = float(bool(summary.get("solved")))
-                try:
-                    self.writer.add_hparams(self.hparams, figures, run_name=".")
-                except Exception as error:  # noqa: BLE001 - the run's results are saved; only the tab lacks it
-                    say(f"TensorBoard's HParams entry could not be written ({type(error).__name__}: {error}).")
-            self.writer.close()
+                self._write_hparams(summary)
+            try:
+                self.writer.close()
+            except OSError as error:
+                say(f"TensorBoard's event file could not be closed ({error}); its last events may be missing.")
+
+    def _write_hparams(self, summary: dict) -> None:
+        figures = {f"hparams/{key}": value for key, value in summary.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                   and (key.startswith(("final_", "best_")) or key in ("updates", "minibatches", "wall_time_s"))}
+        figures["hparams/solved"] = float(bool(summary.get("solved")))
+        try:
+            self.writer.add_hparams(self.hparams, figures, run_name=".", global_step=summary.get("updates"))
+        except Exception as error:  # noqa: BLE001 - the run's results are saved; only the tab lacks it
+            say(f"TensorBoard's HParams entry could not be written ({type(error).__name__}: {error}).")
 
 
 def _as_text(renderable) -> str:

@@ -18,8 +18,8 @@ lacks the key, such as HF for solver.lr, are not split).
 `--plot FILE.png` draws, from each run's metrics.jsonl (hfrun/logging.py), the training loss and the
 held-out metric against wall-clock seconds, examples processed and updates: one line per (task, solver
 and split keys), the mean over its runs (seeds) with a band from their minimum to their maximum, each run
-interpolated onto a common grid up to the shortest run's end; a log scale where the values span more than
-two decades. Runs without metrics.jsonl (written since this command existed) are left out, and named.
+interpolated onto a common grid (at each point, the runs that reach it); a log scale where the values are
+positive and span more than two decades. Runs without metrics.jsonl (written since this command existed) are left out, and named.
 
 Exit status 1, with the reason, when a directory does not exist, holds no summary.json, or holds a
 summary.json that is not an hfrun summary.
@@ -184,17 +184,21 @@ def curves(records: list[dict], kind: str, value: Callable[[dict], float | None]
 
 
 def band(runs: list[tuple[list, list]], points: int = 200):
-    """(grid, mean, low, high) over runs interpolated on a common grid up to the shortest run's end."""
+    """(grid, mean, low, high, count) over runs on a common grid from the earliest start to the latest end:
+    at each point the mean, minimum and maximum of the runs that reach it (interpolated), and how many do.
+    None when no run has a point."""
     import numpy as np
 
     runs = [(np.asarray(x, dtype=float), np.asarray(y, dtype=float)) for x, y in runs if len(x)]
     if not runs:
         return None
-    end = min(x[-1] for x, _ in runs)
-    start = max(x[0] for x, _ in runs)
+    start, end = min(x[0] for x, _ in runs), max(x[-1] for x, _ in runs)
     grid = np.linspace(start, end, points) if end > start else np.array([end])
-    values = np.stack([np.interp(grid, x, y) for x, y in runs])
-    return grid, values.mean(0), values.min(0), values.max(0)
+    values = np.stack([np.where((grid >= x[0]) & (grid <= x[-1]), np.interp(grid, x, y), np.nan) for x, y in runs])
+    count = np.isfinite(values).sum(0)
+    keep = count > 0
+    values, grid, count = values[:, keep], grid[keep], count[keep]
+    return grid, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0), count
 
 
 def plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> list[str]:
@@ -232,9 +236,11 @@ def plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> list[str]:
                 summary_band = band([c[key] for c in per_run])
                 if summary_band is None:
                     continue
-                grid, mean, low, high = summary_band
-                line, = axes[row][column].plot(grid, mean, label=f"{name} ({len(per_run)} runs)")
-                if len(per_run) > 1:
+                grid, mean, low, high, count = summary_band
+                runs_with_points = sum(1 for c in per_run if c[key][0])
+                line, = axes[row][column].plot(grid, mean, marker="o" if len(grid) < 2 else None,
+                                               label=f"{name} ({runs_with_points} runs)")
+                if runs_with_points > 1:
                     axes[row][column].fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
     metric_label = ", ".join(sorted(str(m) for m in metric_names if m)) or "metric"
     for row, what in enumerate(("training loss", f"held-out {metric_label}")):
@@ -242,15 +248,20 @@ def plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> list[str]:
             ax = axes[row][column]
             ax.set_xlabel(x_label)
             ax.set_ylabel(what)
-            values = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0]
-            if values and max(values) / min(values) > 100:
+            values = [v for line in ax.get_lines() for v in line.get_ydata()]
+            if values and min(values) > 0 and max(values) / min(values) > 100:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
     figure.suptitle("mean over runs, band from minimum to maximum")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=100)
+    except (OSError, ValueError) as error:
+        raise HfrunError(f"The figure could not be written to {path} ({error}). Give a writable path ending in "
+                         ".png (or another format matplotlib knows, e.g. .pdf, .svg).") from None
+    finally:
+        plt.close(figure)
     return left_out
 
 
@@ -265,21 +276,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="also draw the loss and held-out metric curves of the runs into this image")
     args = parser.parse_args(argv)
+    errors = Console(stderr=True)
     try:
         runs = collect(args.directories, tuple(args.split_by))
         table_rows = rows(runs)
-        left_out = plot(runs, args.plot) if args.plot else []
     except HfrunError as error:
-        Console(stderr=True).print(f"[bold red]hfrun-report:[/] {error}")
+        errors.print(f"[bold red]hfrun-report:[/] {error}")
         sys.exit(1)
-    rendered = render(table_rows, args.format)
+    rendered = render(table_rows, args.format)  # the table first, whatever happens to the figure
     if isinstance(rendered, str):
         sys.stdout.write(rendered)
     else:
         Console(width=220).print(rendered)
     if args.plot:
-        Console(stderr=True).print(f"wrote {args.plot}" + (f"; left out (no metrics.jsonl): {', '.join(left_out)}"
-                                                             if left_out else ""))
+        try:
+            left_out = plot(runs, args.plot)
+        except HfrunError as error:
+            errors.print(f"[bold red]hfrun-report:[/] {error}")
+            sys.exit(1)
+        errors.print(f"wrote {args.plot}" + (f"; left out (no metrics.jsonl): {', '.join(left_out)}"
+                                             if left_out else ""))
 
 
 if __name__ == "__main__":

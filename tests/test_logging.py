@@ -21,3 +21,23 @@ def test_an_update_budget_eta_follows_the_pace(tmp_path):
     logger.started -= 40.0  # 20 updates of this session took 40 s
     assert logger._eta(40, 70.0) == "0:02:00"  # 60 updates left at 2 s each
     assert logger._budget_spent(40, 70.0) == 0.4 and logger._where(40) == "update 40/100"
+
+
+def test_metrics_file_is_strict_json_with_non_finite_figures_named(tmp_path):
+    import json
+    import math
+
+    from hfrun.logging import MetricsFile
+
+    metrics = MetricsFile(tmp_path / "metrics.jsonl", start_update=0)
+    metrics.write({"kind": "update", "update": 1, "loss": 0.5, "rho": math.nan})
+    metrics.write({"kind": "eval", "update": 1, "val": {"error": math.inf, "loss": 0.25}})
+    metrics.close()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    first, second = (json.loads(line, parse_constant=refuse) for line in
+                     (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert first["rho"] is None and first["non_finite"] == {"rho": "nan"} and first["loss"] == 0.5
+    assert second["val"] == {"error": None, "loss": 0.25} and second["non_finite"] == {"val.error": "inf"}

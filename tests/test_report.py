@@ -136,9 +136,21 @@ def test_plot_writes_a_figure_of_every_configuration(tmp_path, capsys):
 def test_band_is_the_mean_and_range_of_the_runs_on_a_common_grid():
     from hfrun.report import band
 
-    grid, mean, low, high = band([([0, 10], [0, 10]), ([0, 5], [2, 7])], points=6)
-    assert list(grid) == [0, 1, 2, 3, 4, 5], "up to the shortest run's end"
-    assert list(mean) == [1, 2, 3, 4, 5, 6] and list(low) == [0, 1, 2, 3, 4, 5] and list(high) == [2, 3, 4, 5, 6, 7]
+    grid, mean, low, high, count = band([([0, 10], [0, 10]), ([0, 5], [2, 7])], points=11)
+    assert list(grid) == list(range(11)), "to the longest run's end"
+    assert list(count) == [2] * 6 + [1] * 5, "past its end a run no longer counts"
+    assert list(mean[:6]) == [1, 2, 3, 4, 5, 6] and list(low[:6]) == [0, 1, 2, 3, 4, 5]
+    assert list(high[:6]) == [2, 3, 4, 5, 6, 7] and list(mean[6:]) == [6, 7, 8, 9, 10]
+
+
+def test_a_figure_that_cannot_be_written_is_an_error_after_the_table(tmp_path, capsys):
+    _summary(tmp_path / "0", "addition_T30", "hf", False, None)
+    _metrics(tmp_path / "0", 0.5)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--plot", str(tmp_path / "missing" / "x.png"), "--format", "csv"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1 and "could not be written" in captured.err
+    assert captured.out.startswith("task,solver,runs"), "the table is printed first"
 
 
 def test_plot_without_any_metrics_is_an_error(tmp_path, capsys):
