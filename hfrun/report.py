@@ -15,6 +15,14 @@ lacks the key, such as HF for solver.lr, are not split).
 
 `--format markdown|csv` prints the table for a README or a spreadsheet instead of the console table.
 
+`--layout` picks the table:
+  - `runs` (default): the columns above;
+  - `ms2011`: Martens & Sutskever (2011) Figure 3's layout for the pathological tasks, hfrun's failure rate
+    and mean k-minibatches to success next to the paper's (hfrun/published.py);
+  - `sgn`: Gargiani et al. (2020)'s layout for data-set tasks, the mean held-out metric at given wall-clock
+    seconds (`--at-seconds`) and epochs (`--at-epochs`), from each run's metrics.jsonl: the last evaluation
+    made by then, averaged over the runs that had made one ("–" where none had).
+
 `--plot FILE.png` draws, from each run's metrics.jsonl (hfrun/logging.py), the training loss and the
 held-out metric against wall-clock seconds, examples processed and updates: one line per (task, solver
 and split keys), the mean over its runs (seeds) with a band from their minimum to their maximum, each run
@@ -45,6 +53,8 @@ from hfrun.errors import HfrunError
 from hfrun.summary import FINISHED
 
 REQUIRED = ("task", "solver", "status")
+MS2011_COLUMNS = ["task", "solver", "runs", "failure_rate", "ms2011_failure_rate", "kminibatches_to_success",
+                  "ms2011_kminibatches", "updates_to_success"]
 COLUMNS = ["task", "solver", "runs", "statuses", "failure_rate", "kminibatches_to_success", "updates_to_success",
            "budget_kminibatches", "mean_wall_s_to_success", "final_metric", "final_error_unsolved"]
 
@@ -131,24 +141,84 @@ def _cell(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else "–" if value is None else str(value)
 
 
-def render(table_rows: list[dict], fmt: str) -> str | Table:
+def ms2011_rows(table_rows: list[dict]) -> list[dict]:
+    """The rows of pathological tasks, with M&S Figure 3's entries beside hfrun's."""
+    from hfrun.published import ms2011_entry
+
+    out = []
+    for row in table_rows:
+        entry = ms2011_entry(row["task"])
+        if entry is None:
+            continue
+        out.append({"task": row["task"], "solver": row["solver"], "runs": row["runs"],
+                    "failure_rate": row["failure_rate"], "ms2011_failure_rate": float(entry[0]),
+                    "kminibatches_to_success": row["kminibatches_to_success"],
+                    "ms2011_kminibatches": entry[1], "updates_to_success": row["updates_to_success"]})
+    return out
+
+
+def metric_at(records: list[dict], metric: str, *, seconds: float | None = None, epochs: float | None = None,
+              cases_per_epoch: float | None = None) -> float | None:
+    """The held-out metric of the last evaluation made by `seconds` of wall-clock time or by `epochs`."""
+    value = None
+    for record in records:
+        if record.get("kind") not in ("eval", "final_eval"):
+            continue
+        if seconds is not None and record["wall_s"] > seconds:
+            break
+        if epochs is not None and (not cases_per_epoch or record["examples_grad"] / cases_per_epoch > epochs):
+            break
+        figure = record.get("val", {}).get(metric)
+        value = figure if figure is not None and math.isfinite(figure) else value
+    return value
+
+
+def sgn_rows(runs: dict[tuple[str, str], list[dict]], at_seconds: list[float],
+             at_epochs: list[float]) -> tuple[list[dict], list[str]]:
+    """Per (task, solver): the mean held-out metric at each time and epoch; and the column names."""
+    columns = [f"metric @{t:g}s" for t in at_seconds]
+    columns += [f"metric @{e:g}ep" for e in at_epochs]
+    out = []
+    for (task, label), summaries in sorted(runs.items()):
+        metric = next((s["metric"] for s in summaries if s.get("metric")), None)
+        loaded = [(read_metrics(Path(s["_path"])), s) for s in summaries]
+        loaded = [(records, s) for records, s in loaded if records is not None]
+        if metric is None or not loaded:
+            continue
+        row = {"task": task, "solver": label, "runs": len(loaded), "metric": metric}
+        for t in at_seconds:
+            values = [v for records, _ in loaded if (v := metric_at(records, metric, seconds=t)) is not None]
+            row[f"metric @{t:g}s"] = statistics.mean(values) if values else None
+        for e in at_epochs:
+            values = []
+            for records, s in loaded:
+                cases = s["examples_grad"] / s["epochs"] if s.get("epochs") else None
+                v = metric_at(records, metric, epochs=e, cases_per_epoch=cases)
+                if v is not None:
+                    values.append(v)
+            row[f"metric @{e:g}ep"] = statistics.mean(values) if values else None
+        out.append(row)
+    return out, ["task", "solver", "runs", "metric", *columns]
+
+
+def render(table_rows: list[dict], fmt: str, columns: list[str] = COLUMNS) -> str | Table:
     """The rows as a rich Table (fmt "table"), a Markdown table or CSV text."""
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         writer.writerows([["" if row[c] is None else row[c] if not isinstance(row[c], list) else
-                           " ".join(map(str, row[c])) for c in COLUMNS] for row in table_rows])
+                           " ".join(map(str, row[c])) for c in columns] for row in table_rows])
         return buffer.getvalue()
     if fmt == "markdown":
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in table_rows]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in table_rows]
         return "\n".join(lines) + "\n"
     table = Table(title="runs")
-    for column in COLUMNS:
+    for column in columns:
         table.add_column(column)
     for row in table_rows:
-        table.add_row(*(_cell(row[c]) for c in COLUMNS))
+        table.add_row(*(_cell(row[c]) for c in columns))
     return table
 
 
@@ -273,6 +343,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="a dotted config key, e.g. solver.lr, whose values get separate rows")
     parser.add_argument("--format", choices=["table", "markdown", "csv"], default="table",
                         help="the console table (default), a Markdown table, or CSV")
+    parser.add_argument("--layout", choices=["runs", "ms2011", "sgn"], default="runs",
+                        help="the table: runs (default), M&S 2011 Figure 3 beside hfrun's, or SGN's metric at "
+                             "given seconds and epochs")
+    parser.add_argument("--at-seconds", default="10,100", help="with --layout sgn: wall-clock seconds, e.g. 10,100")
+    parser.add_argument("--at-epochs", default="1,5", help="with --layout sgn: epochs, e.g. 1,5")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="also draw the loss and held-out metric curves of the runs into this image")
     args = parser.parse_args(argv)
@@ -283,7 +358,19 @@ def main(argv: list[str] | None = None) -> None:
     except HfrunError as error:
         errors.print(f"[bold red]hfrun-report:[/] {error}")
         sys.exit(1)
-    rendered = render(table_rows, args.format)  # the table first, whatever happens to the figure
+    if args.layout == "ms2011":
+        table_rows, columns = ms2011_rows(table_rows), MS2011_COLUMNS
+    elif args.layout == "sgn":
+        try:
+            table_rows, columns = sgn_rows(runs, [float(t) for t in args.at_seconds.split(",") if t],
+                                           [float(e) for e in args.at_epochs.split(",") if e])
+        except ValueError as error:
+            errors.print(f"[bold red]hfrun-report:[/] --at-seconds and --at-epochs take numbers separated by "
+                         f"commas, e.g. 10,100 ({error})")
+            sys.exit(1)
+    else:
+        columns = COLUMNS
+    rendered = render(table_rows, args.format, columns)  # the table first, whatever happens to the figure
     if isinstance(rendered, str):
         sys.stdout.write(rendered)
     else:

@@ -158,3 +158,30 @@ def test_plot_without_any_metrics_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--plot", str(tmp_path / "x.png")])
     assert exit_info.value.code == 1 and "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_ms2011_layout_sets_the_papers_figure_3_beside_hfruns(tmp_path, capsys):
+    _summary(tmp_path / "0", "addition_T30", "hf", True, 2000.0, update=20)
+    _summary(tmp_path / "1", "addition_T30", "hf", False, None)
+    _summary(tmp_path / "2", "linreg", "hf", False, None)  # not a pathological task: no row
+    main([str(tmp_path), "--layout", "ms2011", "--format", "csv"])
+    import csv
+    table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert len(table) == 1 and table[0]["task"] == "addition_T30"
+    assert float(table[0]["failure_rate"]) == 0.5 and float(table[0]["ms2011_failure_rate"]) == 0.0
+    assert float(table[0]["kminibatches_to_success"]) == 2.0 and float(table[0]["ms2011_kminibatches"]) == 1.6
+
+
+def test_sgn_layout_gives_the_metric_at_given_seconds_and_epochs(tmp_path, capsys):
+    for index, slope in enumerate((0.5, 0.6)):
+        _summary(tmp_path / str(index), "mnist", "sgn", False, None)
+        summary = json.loads((tmp_path / str(index) / "summary.json").read_text())
+        summary.update({"examples_grad": 20000, "epochs": 2.0})  # 10000 cases per epoch
+        (tmp_path / str(index) / "summary.json").write_text(json.dumps(summary))
+        _metrics(tmp_path / str(index), slope)  # evaluations at updates 5..20, 0.1 s and 1000 cases per update
+    main([str(tmp_path), "--layout", "sgn", "--at-seconds", "1.2,0.1", "--at-epochs", "1", "--format", "csv"])
+    import csv
+    row = list(csv.DictReader(capsys.readouterr().out.splitlines()))[0]
+    assert float(row["metric @1.2s"]) == pytest.approx(0.5 / 10), "the last evaluation by 1.2 s: update 10"
+    assert row["metric @0.1s"] == "", "no evaluation yet"
+    assert float(row["metric @1ep"]) == pytest.approx(0.5 / 10), "one epoch = 10 updates of 1000 cases"

@@ -203,7 +203,8 @@ class HessianFree:
             "actual_reduction": objective_before - objective_after,
             "line_search_reduction": objective_before - objective_final, "step_size": step_size,
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
-            "time_trace_s": damped_curvature.trace_seconds, "examples_grad": examples_grad, "examples_curv": damped_curvature.products * curvature_cases,
+            "time_trace_s": damped_curvature.trace_seconds, "examples_grad": examples_grad,
+            "examples_curv": damped_curvature.products * curvature_cases,
         }
         if self.updates_stuck_at_max >= self.stall_updates:
             stats["stalled"] = (
