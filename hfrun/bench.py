@@ -426,8 +426,8 @@ def sgn_table(device: torch.device, scale: float, repeats: int) -> None:
         row = sgn_measure(model, loss, batch, device, repeats)
         rows.append([name, *(f"{row[c]:.2f}" if c.startswith("ratio") else f"{row[c]:.1f}" for c in columns)])
     print_table("SGN: one update with k CG steps against (1 + k) gradients (ratio = update / (grad·(1+k)); the "
-                "floor is (1 + k·product/gradient)/(1 + k), about 1.5-1.8 with jvp products)", ["workload", *columns],
-                rows)
+                "floor is (1 + k·product/gradient)/(1 + k), about 1.1-1.2 with traced products)",
+                ["workload", *columns], rows)
 
 
 def bdhf_table(device: torch.device, scale: float, repeats: int) -> list[dict]:
