@@ -2,7 +2,8 @@
 directories and prints, per (task, solver), the number of runs and how they ended (status), and for
 tasks with a success criterion the failure rate and the mean thousands of 1000-sequence minibatches to
 success over the successful runs — the units of Martens & Sutskever (2011), Figure 3 — and the mean
-number of solver updates to success.
+number of solver updates to success, each with its standard deviation over the runs (`_sd`); the mean
+final and best held-out metric; and the time to success.
 
 What counts as an attempt: a run that ended by its own outcome (solved, budget, early_stopped, stalled,
 diverged). Of these, every one that did not solve is a failure. Runs that were interrupted or ended in
@@ -55,8 +56,9 @@ from hfrun.summary import FINISHED
 REQUIRED = ("task", "solver", "status")
 MS2011_COLUMNS = ["task", "solver", "runs", "failure_rate", "ms2011_failure_rate", "kminibatches_to_success",
                   "ms2011_kminibatches", "updates_to_success"]
-COLUMNS = ["task", "solver", "runs", "statuses", "failure_rate", "kminibatches_to_success", "updates_to_success",
-           "budget_kminibatches", "mean_wall_s_to_success", "final_metric", "final_error_unsolved"]
+COLUMNS = ["task", "solver", "runs", "statuses", "failure_rate", "kminibatches_to_success", "kminibatches_sd",
+           "updates_to_success", "updates_sd", "budget_kminibatches", "mean_wall_s_to_success", "final_metric",
+           "best_metric", "final_error_unsolved"]
 
 
 def run_settings(summary_path: Path, keys: tuple[str, ...]) -> dict[str, str | None]:
@@ -111,6 +113,11 @@ def _mean(values: list[float]) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def _spread(values: list[float]) -> float | None:
+    """The sample standard deviation over the runs (None for fewer than two)."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def rows(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
     table = []
     for (task, solver), summaries in sorted(runs.items()):
@@ -126,9 +133,13 @@ def rows(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
             "statuses": ", ".join(f"{status} {count}" for status, count in sorted(statuses.items())),
             "failure_rate": 1 - len(solved) / len(finished) if criterion and finished else None,
             "kminibatches_to_success": _mean([s["solved_minibatches"] / 1000 for s in solved]),
+            "kminibatches_sd": _spread([s["solved_minibatches"] / 1000 for s in solved]),
+            "updates_sd": _spread([s["solved_update"] for s in solved]),
             "updates_to_success": _mean([s["solved_update"] for s in solved]),
             "budget_kminibatches": max((s.get("minibatches") or 0 for s in summaries), default=0) / 1000,
             "mean_wall_s_to_success": _mean([s["wall_time_s"] for s in solved]),
+            "best_metric": (f"{metric} {_mean(bests):.4g}" if metric and (bests := [
+                s.get(f"best_val_{metric}") for s in finished if s.get(f"best_val_{metric}") is not None]) else None),
             "final_metric": (f"{metric} {_mean([v for v in finals if v is not None]):.4g}"
                              if metric and any(v is not None for v in finals) else None),
             "final_error_unsolved": [round(s["final_val_error"], 4) for s in finished

@@ -28,8 +28,8 @@ def test_failure_rate_and_mean_over_successes(tmp_path):
     table = {(r["task"], r["solver"]): r for r in rows(collect([tmp_path]))}
     hf = table["addition_T30", "hf"]
     assert hf["runs"] == 3 and abs(hf["failure_rate"] - 1 / 3) < 1e-12
-    assert hf["kminibatches_to_success"] == 2.0
-    assert hf["updates_to_success"] == 17.5
+    assert hf["kminibatches_to_success"] == 2.0 and hf["kminibatches_sd"] == pytest.approx(2 ** 0.5)
+    assert hf["updates_to_success"] == 17.5 and hf["updates_sd"] == pytest.approx(7.5 * 2 ** 0.5)
     assert table["addition_T30", "adam"]["failure_rate"] == 1.0
     assert table["addition_T30", "adam"]["kminibatches_to_success"] is None
     assert table["addition_T30", "adam"]["updates_to_success"] is None
@@ -109,7 +109,7 @@ def test_markdown_and_csv_hold_the_table_values(tmp_path, capsys):
     main([str(tmp_path), "--format", "markdown"])
     markdown = capsys.readouterr().out.splitlines()
     assert markdown[0].startswith("| task | solver | runs |") and markdown[1].startswith("|---|")
-    assert markdown[2].startswith("| addition_T30 | hf | 2 | budget 1, solved 1 | 0.5 | 1 | 10 |")
+    assert markdown[2].startswith("| addition_T30 | hf | 2 | budget 1, solved 1 | 0.5 | 1 | – | 10 | – |")
     main([str(tmp_path), "--format", "csv"])
     import csv
     table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
