@@ -219,7 +219,8 @@ def reference_hf_update(model: nn.Module, loss: Callable, batch: Batch, cg_iters
     each product Jᵀ(H_L(J v)) + λv with J v by jvp (which reruns the forward pass) and Jᵀ through the
     cached closure; then the loss at θ + d. Returns that loss; leaves the model as it was. It does less than
     hfrun's update (no backtracking over CG iterates, no line search, no λ adaptation, no warm start), so
-    hf10/peer is biased against hfrun by those forward passes."""
+    hf10/peer is biased against hfrun by those forward passes. Its CG and flattening are its own, not
+    hfrun's, so that the peer shares no code with what it is held against."""
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def forward(params):

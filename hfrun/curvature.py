@@ -135,6 +135,15 @@ class _PreactivationForward(nn.Module):
         return self.model.forward_with_preactivations(x)
 
 
+def _differs(want: Tensor, got: Tensor) -> str | None:
+    """How `got` differs from `want` beyond rounding (1000·eps of want's largest entry), or None. Traced and
+    untraced products run the same aten ops and agree to the last bits where the trace is sound; the
+    faults the checks catch are of the order of the products themselves."""
+    tolerance = 1000 * torch.finfo(want.dtype).eps * float(want.abs().max().clamp_min(1e-30))
+    error = float((want - got).abs().max())
+    return None if error <= tolerance else f"by {error:.3g} (tolerance {tolerance:.3g})"
+
+
 class _TraceCheckFailed(Exception):
     """A traced product that does not match the untraced one."""
 
@@ -194,11 +203,12 @@ class CurvatureOperator:
             return 0.0
         return mu
 
-    def _forward(self, params: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        """(z,) or, with structural damping, (z, a)."""
-        if self._param_prefix:
-            params = {self._param_prefix + name: p for name, p in params.items()}
-        outputs = functional_call(self._forward_module, params, (self.batch.inputs,))
+    def _forward(self, params: dict[str, Tensor], inputs: Tensor | None = None,
+                 buffers: Mapping[str, Tensor] = {}) -> tuple[Tensor, ...]:  # noqa: B006 - never mutated
+        """(z,) or, with structural damping, (z, a), at `params` (and `buffers`, else the model's own) on
+        `inputs` (else the batch's)."""
+        named = {self._param_prefix + name: tensor for name, tensor in {**params, **buffers}.items()}
+        outputs = functional_call(self._forward_module, named, (self.batch.inputs if inputs is None else inputs,))
         return tuple(outputs) if self._structural_damping > 0 else (outputs,)
 
     def _batch_loss(self, z: Tensor) -> Tensor:
@@ -316,11 +326,11 @@ class CurvatureOperator:
         names, buffer_names = self.spec.names, tuple(self._buffers)
         num_params, num_buffers = len(names), len(buffer_names)
         has_mask, structural, curvature = self.batch.mask is not None, self._structural_damping > 0, self.curvature
-        module, prefix, loss, spec = self._forward_module, self._param_prefix, self.loss, self.spec
+        loss, spec = self.loss, self.spec
 
         def product(*flat: Tensor) -> tuple[Tensor, Tensor]:
             params = dict(zip(names, flat[:num_params]))
-            buffers = {prefix + name: b for name, b in zip(buffer_names, flat[num_params:num_params + num_buffers])}
+            buffers = dict(zip(buffer_names, flat[num_params:num_params + num_buffers]))
             rest = flat[num_params + num_buffers:]
             inputs, targets = rest[0], rest[1]
             mask = rest[2] if has_mask else None
@@ -328,9 +338,7 @@ class CurvatureOperator:
             structural_scale = rest[-1]
 
             def forward(params):
-                outputs = functional_call(module, {**{prefix + n: p for n, p in params.items()}, **buffers},
-                                          (inputs,))
-                return tuple(outputs) if structural else (outputs,)
+                return self._forward(params, inputs, buffers)
 
             def batch_loss(params):
                 outputs = forward(params)
@@ -372,10 +380,7 @@ class CurvatureOperator:
         """Raise _TraceCheckFailed unless the traced products of probes u, w and u again (a trace whose replays
         drift fails the third) match the untraced ones within 1000·eps of their largest entry (both run the
         same aten ops; they agree to rounding). _NotCheckable where the untraced products are not finite."""
-        first = next(iter(self.params.values()))
-        generator = torch.Generator(device=first.device).manual_seed(PROBE_SEED)
-        u, w = (torch.randn(self.num_params, generator=generator, dtype=first.dtype, device=first.device)
-                for _ in range(2))
+        u, w = self._probes()
         damping = 1.0
         reference = CurvatureOperator(self.model, self.loss, self.batch, damping=damping,
                                       structural_damping=self._structural_damping, curvature=self.curvature,
@@ -385,11 +390,9 @@ class CurvatureOperator:
             want = reference.mv(probe).sub_(probe, alpha=damping)
             if not bool(torch.isfinite(want).all()):
                 raise _NotCheckable
-            tolerance = 1000 * torch.finfo(want.dtype).eps * float(want.abs().max().clamp_min(1e-30))
-            error = float((want - got).abs().max())
-            if not error <= tolerance:
-                raise _TraceCheckFailed(f"its {call} product differed from the untraced one by {error:.3g} "
-                                        f"(tolerance {tolerance:.3g})")
+            difference = _differs(want, got)
+            if difference:
+                raise _TraceCheckFailed(f"its {call} product differed from the untraced one {difference}")
 
     def _linearize(self) -> Callable | None:
         """v ↦ Jv with the primal intermediates kept, or None (then the products use jvp).
@@ -428,19 +431,10 @@ class CurvatureOperator:
     def _linearized_disagrees_with_jvp(self, linearized: Callable) -> str | None:
         """Why `linearized` cannot be trusted, or None.
 
-        Three traced products — of u, of w, and of u again — against jvp's product of u, within
-        1000·eps of its largest entry (traced and jvp products agree to the last bit where the
-        trace is sound; the drift this catches is of the order of the products themselves). The
-        probes come from a private generator, so checking leaves the global RNG untouched.
+        Three traced products — of u, of w, and of u again — against jvp's product of u (`_differs`,
+        `_probes`).
         """
-        first = next(iter(self.params.values()))
-        generator = torch.Generator(device=first.device).manual_seed(PROBE_SEED)
-
-        def probe():
-            return {name: torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-                    for name, p in self.params.items()}
-
-        u, w = probe(), probe()
+        u, w = (self.spec.unflatten(probe) for probe in self._probes())
         expected = jvp(self._forward, (self.params,), (u,))[1]
         if not all(bool(torch.isfinite(e).all()) for e in expected):
             return NON_FINITE_PROBE
@@ -448,11 +442,17 @@ class CurvatureOperator:
         linearized(w)
         results.append(("third", linearized(u)))
         for call, actual in results:
-            for want, got in zip(expected, actual, strict=True):
-                tolerance = 1000 * torch.finfo(want.dtype).eps * float(want.abs().max().clamp_min(1e-30))
-                if not float((want - got).abs().max()) <= tolerance:
-                    return f"its {call} product differed from jvp's (a known torch issue with some kernels)"
+            if any(_differs(want, got) for want, got in zip(expected, actual, strict=True)):
+                return f"its {call} product differed from jvp's (a known torch issue with some kernels)"
         return None
+
+    def _probes(self) -> tuple[Tensor, Tensor]:
+        """Two flat probe vectors u, w for the checks of traced products, from a private generator, so that
+        checking leaves the global RNG untouched."""
+        first = next(iter(self.params.values()))
+        generator = torch.Generator(device=first.device).manual_seed(PROBE_SEED)
+        return tuple(torch.randn(self.num_params, generator=generator, dtype=first.dtype, device=first.device)
+                     for _ in range(2))
 
     def gradient(self) -> Tensor:
         """∇_θ L = Jᵀ ∇_z L, through the cached vjp closure (computed once, returned as a copy)."""

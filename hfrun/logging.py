@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -40,7 +39,8 @@ from rich.table import Table
 from rich.text import Text
 from torch.utils.tensorboard import SummaryWriter
 
-from hfrun.checkpoint import OutputError
+from hfrun.checkpoint import OutputError, output_error_message, write_atomically
+from hfrun.summary import json_safe
 
 console = Console(stderr=True)
 record = logging.getLogger("hfrun.record")  # configs/config.yaml sends it to run.log only
@@ -60,11 +60,10 @@ class MetricsFile:
                 self._keep_up_to(start_update)
             self.file = path.open("a" if start_update else "w", encoding="utf-8")
         except OSError as error:
-            raise OutputError(f"{path} could not be written ({error}). Free space or fix permissions on the run "
-                              "directory, then start again (or resume with run.resume=<run dir>).") from None
+            raise OutputError(output_error_message(path, error)) from None
 
     def _keep_up_to(self, update: int) -> None:
-        """Drop the lines a stopped run wrote after its checkpoint (written to a temporary file, then renamed)."""
+        """Drop the lines a stopped run wrote after its checkpoint (the file is replaced atomically)."""
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
@@ -73,33 +72,18 @@ class MetricsFile:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 break  # a line cut short by a crash: it and anything after it go
-        temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(temporary, self.path)
+        text = "".join(line + "\n" for line in kept).encode()
+        write_atomically(self.path, lambda handle: handle.write(text))
 
     def write(self, record: dict) -> None:
         """One record as strict JSON: a NaN or infinite figure is written as null and named under non_finite
-        (as summary.json does), e.g. {"rho": null, ..., "non_finite": {"rho": "nan"}}; "val.error" for a
-        held-out figure."""
-        non_finite = {}
-
-        def strict(path: str, value):
-            if isinstance(value, dict):
-                return {key: strict(f"{path}.{key}", item) for key, item in value.items()}
-            if isinstance(value, float) and not math.isfinite(value):
-                non_finite[path] = str(value)
-                return None
-            return value
-
-        record = {key: strict(key, value) for key, value in record.items()}
-        if non_finite:
-            record["non_finite"] = non_finite
+        (`summary.json_safe`, as summary.json does), e.g. {"rho": null, ..., "non_finite": {"rho": "nan"}};
+        "val.error" for a held-out figure."""
         try:
-            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             self.file.flush()
         except OSError as error:
-            raise OutputError(f"{self.path} could not be written ({error}): the disk may be full. Free space, "
-                              "then resume with run.resume=<run dir>.") from None
+            raise OutputError(output_error_message(self.path, error)) from None
 
     def close(self) -> None:
         self.file.close()

@@ -26,17 +26,23 @@ STATUSES = ("solved", "budget", "early_stopped", "stalled", "diverged", "interru
 FINISHED = ("solved", "budget", "early_stopped", "stalled", "diverged")
 
 
-def json_safe(summary: dict) -> dict:
-    """`summary` with NaN/±inf floats replaced by None and recorded under `non_finite`."""
-    safe, non_finite = {}, {}
-    for key, value in summary.items():
+def json_safe(record: dict) -> dict:
+    """`record` with NaN/±inf floats replaced by None and recorded under `non_finite`, nested dicts too (their
+    keys dotted, e.g. {"val.error": "inf"})."""
+    non_finite = {}
+
+    def safe(path: str, value):
+        if isinstance(value, dict):
+            return {key: safe(f"{path}.{key}", item) for key, item in value.items()}
         if isinstance(value, float) and not math.isfinite(value):
-            safe[key], non_finite[key] = None, str(value)
-        else:
-            safe[key] = value
+            non_finite[path] = str(value)
+            return None
+        return value
+
+    cleaned = {key: safe(str(key), value) for key, value in record.items()}
     if non_finite:
-        safe["non_finite"] = non_finite
-    return safe
+        cleaned["non_finite"] = non_finite
+    return cleaned
 
 
 def write_summary(path: Path, summary: dict) -> dict:

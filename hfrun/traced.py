@@ -86,11 +86,9 @@ def cached_trace(model: nn.Module, key: Hashable, build: Callable[[], TracedProd
     if key not in traces:
         try:
             traces[key] = build()
-        except NotImplementedError as error:
-            if "forward AD" in str(error):
-                raise  # a fused kernel without forward-mode AD: the caller retries under native kernels
-            traces[key] = f"it could not be traced ({type(error).__name__}: {str(error)[:300]})"
         except Exception as error:  # noqa: BLE001 - stored and re-raised to every caller with this key
+            if isinstance(error, NotImplementedError) and "forward AD" in str(error):
+                raise  # a fused kernel without forward-mode AD: the caller retries under native kernels
             traces[key] = f"it could not be traced ({type(error).__name__}: {str(error)[:300]})"
         while len(traces) > MAX_TRACES_PER_MODEL:
             traces.popitem(last=False)
