@@ -26,8 +26,14 @@ def _hydra_subdir(resume, stamp):
     return ".hydra" if resume in (None, "", "null") else f".hydra/resume_{stamp}"
 
 
+def _by_protocol(protocol, release_value, hfrun_value):
+    """A pathological task's setting that differs between its two definitions (task.protocol)."""
+    return release_value if protocol == "release" else hfrun_value
+
+
 def register_resolvers() -> None:
-    for name, resolver in (("hfrun_run_dir", _run_dir), ("hfrun_hydra_subdir", _hydra_subdir)):
+    for name, resolver in (("hfrun_run_dir", _run_dir), ("hfrun_hydra_subdir", _hydra_subdir),
+                           ("hfrun_by_protocol", _by_protocol)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

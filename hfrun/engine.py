@@ -35,8 +35,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Config groups that must match between a run and its resumption (budgets may change).
 RESUME_MUST_MATCH = ("task", "model", "solver", "seed", "run.dtype", "run.flush_denormal")
 SEED_RANGE = (-(2**63), 2**63 - 1)
-# Minibatch unit of M&S 2011's table: 1000 sequences through a gradient or a curvature product.
-PUBLISHED_MINIBATCH = 1000
 
 
 @dataclass
@@ -232,18 +230,22 @@ def _differences(saved, current, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}={saved!r} in the run, {current!r} now"]
 
 
-def _options_added_since(saved_group: dict, current_group: dict) -> set[str]:
-    """Options the run's config lacks because hfrun gained them after the run started, set now to their default.
-
-    An option is added with its constructor default equal to the behaviour before it existed, so a run that
-    predates it used exactly that default and may resume with it; any other value is a real change."""
+def _defaults_of_options_added_since(saved_group: dict, current_group: dict) -> dict:
+    """{option: its constructor default} for the options the run's config lacks because hfrun gained them after
+    the run started. An option is added with its constructor default equal to the behaviour before it existed,
+    so a run that predates it ran with exactly that default."""
     try:
         parameters = inspect.signature(get_object(saved_group["_target_"])).parameters
     except Exception:  # an unknown or renamed target: no leniency, every difference is reported
-        return set()
-    return {key for key in current_group.keys() - saved_group.keys()
-            if key in parameters and parameters[key].default is not inspect.Parameter.empty
-            and parameters[key].default == current_group[key]}
+        return {}
+    return {key: parameters[key].default for key in current_group.keys() - saved_group.keys()
+            if key in parameters and parameters[key].default is not inspect.Parameter.empty}
+
+
+def _options_added_since(saved_group: dict, current_group: dict) -> set[str]:
+    """Options added since the run started (above) that are set now to their default: the run may resume."""
+    return {key for key, default in _defaults_of_options_added_since(saved_group, current_group).items()
+            if default == current_group[key]}
 
 
 def _resume_view(cfg: DictConfig, key: str, saved_group=None):
@@ -261,15 +263,21 @@ def _resume_view(cfg: DictConfig, key: str, saved_group=None):
 
 def check_resume_matches(saved_yaml: str, cfg: DictConfig, path: Path) -> None:
     saved = OmegaConf.create(saved_yaml)
-    differences = []
+    differences, predating = [], []
     for key in RESUME_MUST_MATCH:
         saved_view = _resume_view(saved, key)
-        differences += _differences(saved_view, _resume_view(cfg, key, saved_view), key)
+        current_view = _resume_view(cfg, key, saved_view)
+        differences += _differences(saved_view, current_view, key)
+        if isinstance(saved_view, dict) and isinstance(current_view, dict):
+            predating += [f"{key}.{option}={default}" for option, default
+                          in sorted(_defaults_of_options_added_since(saved_view, current_view).items())]
     if differences:
+        hint = (f" The run predates an option it now differs in; it ran as {' '.join(predating)}, so add that "
+                "to the command." if predating else "")
         raise HfrunError(f"The run in {path} was started with a different config than this command: "
                          f"{'; '.join(differences)}. Resume with the original task, model, solver, seed, dtype "
                          "and flush_denormal (the checkpoint holds them); only budgets such as run.max_updates "
-                         "may change.")
+                         f"may change.{hint}")
 
 
 # ---------------------------------------------------------------- the loop
@@ -412,7 +420,7 @@ class Run:
         if not progress.solved_at:
             progress.solved_at = {"update": progress.update, "examples_grad": progress.examples_grad,
                                   "examples_curv": progress.examples_curv,
-                                  "minibatches": (progress.examples_grad + progress.examples_curv) / PUBLISHED_MINIBATCH}
+                                  "minibatches": (progress.examples_grad + progress.examples_curv) / self.task.published_minibatch}
         return True
 
     def _after_eval(self, metrics: dict[str, float]) -> str | None:
@@ -556,7 +564,9 @@ class Run:
             "task": self.task.name, "solver": cfg.solver.name, "model": cfg.model._target_.rsplit(".", 1)[-1],
             "seed": int(cfg.seed), "status": status, "device": str(self.device), "dtype": cfg.run.dtype,
             "updates": p.update, "examples_grad": p.examples_grad, "examples_curv": p.examples_curv,
-            "minibatches": (p.examples_grad + p.examples_curv) / PUBLISHED_MINIBATCH,
+            # M&S 2011's unit: minibatches of task.published_minibatch cases (1000; 32 for 5-bit memorization)
+            "minibatches": (p.examples_grad + p.examples_curv) / self.task.published_minibatch,
+            "minibatch_size": self.task.published_minibatch,
             "wall_time_s": round(p.wall_time_s, 3),
             "metric": metric, "objective": self.score_key,
             # A figure never computed (no update, no evaluation yet) is None; a computed NaN stays NaN.

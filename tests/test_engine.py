@@ -238,6 +238,15 @@ def test_resume_compares_solver_hints_only_through_the_solver(make_config, tmp_p
                          tmp_path)
 
 
+def test_a_run_from_before_task_protocol_resumes_with_the_definition_it_ran_under(make_config, tmp_path):
+    cfg = make_config("solver=hf", "task=addition_T30", "run.device=cpu")
+    saved = _config_before(cfg, "task.protocol")
+    with pytest.raises(HfrunError, match=r"task.protocol=not set in the run, 'release' now.*it ran as "
+                                         r"task.protocol=hfrun, so add that"):
+        check_resume_matches(saved, cfg, tmp_path)
+    check_resume_matches(saved, make_config("solver=hf", "task=addition_T30", "task.protocol=hfrun"), tmp_path)
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"x": torch.ones(3)}, path)
@@ -418,7 +427,7 @@ def test_sigkill_during_a_checkpoint_write_then_exact_resume(make_config, tmp_pa
 
 
 def test_a_model_that_does_not_fit_the_task_is_named(make_config, tmp_path):
-    with pytest.raises(HfrunError, match=r"hfrun.models.mlp.MLP does not fit the task addition_T30.*\(2, 30, 2\)"):
+    with pytest.raises(HfrunError, match=r"hfrun.models.mlp.MLP does not fit the task addition_T30.*\(2, 33, 2\)"):
         Run(make_config("model=mlp", "task=addition_T30", "run.device=cpu"), tmp_path)
 
 

@@ -449,10 +449,16 @@ def test_every_task_config_composes_picks_the_rnn_and_instantiates(tmp_path):
             assert config.model._target_ == "hfrun.models.rnn.RNN"
             assert config.task.T == T and config.task.name == f"{stem}_T{T}"
             hints = config.task.solver_hints
-            assert (hints.batch_size, hints.gradient_batch_size) == (1000, 10000)
+            release_batch = 32 if stem == "memorization5" else 1000  # the release's 5-bit batch: all 32 sequences
+            assert config.task.protocol == "release"
+            assert (hints.batch_size, hints.gradient_batch_size) == (release_batch, 10 * release_batch)
+            assert hints.curvature_batch_size == hints.chunk_size == release_batch
             task_config = OmegaConf.masked_copy(config.task, [k for k in config.task if k != "solver_hints"])
             task = instantiate(task_config, seed=0, device="cpu", dtype=torch.float32)
-            assert type(task) is task_class and task.T == T
+            assert type(task) is task_class and task.T == T and task.protocol == "release"
+            assert task.published_minibatch == release_batch
+    earlier = compose(config_dir, ["task=memorization5_T30", "task.protocol=hfrun"])
+    assert (earlier.task.solver_hints.batch_size, earlier.task.solver_hints.gradient_batch_size) == (1000, 10000)
     model = instantiate(config.model, **task.model_sizes())
     assert model(task.train_stream().next(2).inputs).shape[-1] == task.output_size
     chosen = compose(config_dir, ["task=addition_T30", "model=mlp"])
@@ -479,7 +485,10 @@ PATHOLOGICAL_HF_DEFAULTS = {"gradient_batch_size": 10000, "curvature_batch_size"
 def test_hf_defaults_for_every_pathological_task(stem):
     for T in (30, 200):
         solver = compose(CONFIGS, [f"task={stem}_T{T}", "solver=hf"]).solver
-        assert {key: solver[key] for key in PATHOLOGICAL_HF_DEFAULTS} == PATHOLOGICAL_HF_DEFAULTS
+        expected = dict(PATHOLOGICAL_HF_DEFAULTS)
+        if stem == "memorization5":  # the release's batch of all 32 five-bit sequences, ten of them per gradient
+            expected.update(gradient_batch_size=320, curvature_batch_size=32, chunk_size=32)
+        assert {key: solver[key] for key in PATHOLOGICAL_HF_DEFAULTS} == expected
     overridden = compose(CONFIGS, [f"task={stem}_T30", "solver=hf", "solver.cg_max_iters=50"]).solver
     assert overridden.cg_max_iters == 50, "the command line wins over the task's hints"
 

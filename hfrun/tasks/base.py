@@ -100,6 +100,7 @@ class Task:
     output_size: int
     metric_name: str = "loss"
     success_threshold: float | None = None  # solved when the held-out metric falls below it
+    published_minibatch: int = 1000  # cases per minibatch in the summary's `minibatches` count (M&S 2011's unit)
 
     def train_stream(self) -> GeneratedStream | DatasetStream:
         raise NotImplementedError
