@@ -567,6 +567,7 @@ class Run:
             # M&S 2011's unit: minibatches of task.published_minibatch cases (1000; 32 for 5-bit memorization)
             "minibatches": (p.examples_grad + p.examples_curv) / self.task.published_minibatch,
             "minibatch_size": self.task.published_minibatch,
+            **({"task_protocol": self.task.protocol} if hasattr(self.task, "protocol") else {}),
             "wall_time_s": round(p.wall_time_s, 3),
             "metric": metric, "objective": self.score_key,
             # A figure never computed (no update, no evaluation yet) is None; a computed NaN stays NaN.

@@ -13,7 +13,7 @@ def _summary(directory, task, solver, solved, minibatches, update=None, status=N
     directory.mkdir(parents=True)
     summary = {"task": task, "solver": solver, "solved": solved, "minibatches": 5000.0, "wall_time_s": 10.0,
                "final_val_error": 0.0 if solved else 0.3, "metric": "error",
-               "status": status or ("solved" if solved else "budget")}
+               "status": status or ("solved" if solved else "budget"), "task_protocol": "release"}
     if solved:
         summary["solved_minibatches"] = minibatches
         summary["solved_update"] = update if update is not None else int(minibatches // 100)
@@ -185,3 +185,22 @@ def test_sgn_layout_gives_the_metric_at_given_seconds_and_epochs(tmp_path, capsy
     assert float(row["metric @1.2s"]) == pytest.approx(0.5 / 10), "the last evaluation by 1.2 s: update 10"
     assert row["metric @0.1s"] == "", "no evaluation yet"
     assert float(row["metric @1ep"]) == pytest.approx(0.5 / 10), "one epoch = 10 updates of 1000 cases"
+
+
+def test_runs_of_the_two_task_definitions_are_never_averaged_together(tmp_path):
+    _summary(tmp_path / "release", "addition_T30", "hf", True, 1000.0)
+    _summary(tmp_path / "hfrun", "addition_T30", "hf", True, 5000.0)
+    _summary(tmp_path / "old", "addition_T30", "hf", True, 7000.0)
+    for name, protocol in (("hfrun", "hfrun"), ("old", None)):  # a summary from before task.protocol has none
+        path = tmp_path / name / "summary.json"
+        summary = json.loads(path.read_text())
+        if protocol:
+            summary["task_protocol"] = protocol
+        else:
+            del summary["task_protocol"]
+        path.write_text(json.dumps(summary))
+    _summary(tmp_path / "mnist", "mnist", "hf", False, None)
+    table = {(r["task"], r["solver"]): r for r in rows(collect([tmp_path]))}
+    assert table["addition_T30", "hf"]["kminibatches_to_success"] == 1.0
+    assert table["addition_T30", "hf task.protocol=hfrun"]["kminibatches_to_success"] == 6.0
+    assert ("mnist", "hf") in table
