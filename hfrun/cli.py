@@ -7,8 +7,10 @@ could not write its files. A sweep (-m) runs every job and then exits 1 if any j
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from hfrun import distributed
 from hfrun.config import CONFIG_DIR, register_resolvers
 from hfrun.engine import Run
 from hfrun.errors import HfrunError
@@ -75,9 +78,12 @@ def train_job(cfg: DictConfig) -> float:
         return math.inf
     if not sweep and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over and saved: a late Ctrl-C has nothing to stop
+    distributed.leave()
+    if not run.parallel.is_main:  # rank 0 reports for the data-parallel run
+        return math.inf if summary["status"] == "diverged" else 0.0
     print_summary(summary)
-    console.print(f"run directory: [bold]{run_dir}[/]")
-    record.info("run directory: %s", run_dir)
+    console.print(f"run directory: [bold]{run.run_dir}[/]")
+    record.info("run directory: %s", run.run_dir)
     if summary["status"] == "diverged":
         print_error(summary["message"])
         if not sweep:
@@ -89,4 +95,32 @@ def train_job(cfg: DictConfig) -> float:
     return math.inf if best is None else best
 
 
-main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(train_job)
+hydra_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(train_job)
+
+
+def main() -> None:
+    """`hfrun ...`, also as one process of `torchrun --nproc_per_node=N -m hfrun.cli ...` (data parallel).
+
+    Under torchrun, processes other than rank 0 write nothing to the run directory: Hydra's files for them
+    go to a temporary directory, removed at the end, and the run's directory is rank 0's (Hydra's ${now}
+    differs from process to process, so the others could not compute it themselves)."""
+    if distributed.launched_world_size() > 1 and {"-m", "--multirun"} & set(sys.argv[1:]):
+        print_error("A sweep (-m) cannot run under torchrun: start one torchrun per configuration (see the "
+                    "README, Data parallelism).", to_run_log=False)
+        sys.exit(1)
+    if distributed.launched_rank() == 0:
+        hydra_main()
+        return
+    scratch = tempfile.mkdtemp(prefix=f"hfrun_rank{distributed.launched_rank()}_")
+    sys.argv = [argument for argument in sys.argv if not argument.startswith(("hydra.run.dir=",
+                                                                              "hydra.output_subdir="))]
+    sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "logger.progress=false",
+                 "logger.tensorboard=false"]
+    try:
+        hydra_main()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

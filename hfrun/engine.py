@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from hfrun.allocator import keep_freed_memory, release_free_memory
 from hfrun.checkpoint import OutputError, load_checkpoint, save_checkpoint
 from hfrun.config import check_option_types
+from hfrun.distributed import ShardedStream, from_environment, launched_world_size
 from hfrun.errors import HfrunError
 from hfrun.logging import RunLogger, hparams_of, print_summary, record
 from hfrun.summary import write_summary
@@ -110,14 +111,21 @@ def validate_run_config(cfg: DictConfig) -> None:
              "Example: run.threads=1.")
     for key in ("flush_denormal", "stop_when_solved", "keep_freed_memory"):
         _require(isinstance(run.get(key, True), bool), f"run.{key} must be true or false, got {run.get(key)!r}.")
+    timeout = run.get("collective_timeout_s", 600)
+    _require(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
+             f"run.collective_timeout_s must be a positive number of seconds, got {timeout!r}. "
+             "Example: run.collective_timeout_s=600.")
 
 
 def resolve_device(name: str) -> torch.device:
+    """cpu or cuda; under torchrun with several processes, the GPU of this process's LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise HfrunError("run.device=cuda was asked for, but PyTorch sees no CUDA device here. "
                          "Use run.device=auto or run.device=cpu.")
+    if name == "cuda" and launched_world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
@@ -338,6 +346,19 @@ def parallel_launcher_threads() -> int | None:
     return None
 
 
+class SilentLogger:
+    """The logger of data-parallel processes other than rank 0, which write nothing."""
+
+    def log_update(self, *args, **kwargs) -> None:
+        pass
+
+    def log_eval(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self, summary: dict | None = None) -> None:
+        pass
+
+
 class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         validate_run_config(cfg)
@@ -354,6 +375,10 @@ class Run:
             torch.set_num_threads(threads)
         if self.device.type == "cpu":
             record.info("device cpu, %d threads", torch.get_num_threads())
+        self.parallel = from_environment(self.device, float(cfg.run.get("collective_timeout_s", 600)))
+        if self.parallel.active:  # rank 0's directory is the run's; Hydra's ${now} differs between processes
+            self.run_dir = Path(self.parallel.broadcast(str(self.run_dir)))
+            record.info("data parallel: process %d of %d", self.parallel.rank, self.parallel.world_size)
         resume_state = self._load_resume_state()
         torch.manual_seed(int(cfg.seed))
         self.task = build_task(cfg, self.device, self.dtype)
@@ -361,6 +386,13 @@ class Run:
         check_model_fits_task(cfg, self.model, self.task)
         self.solver = build_solver(cfg, self.model, self.task)
         self.stream = self.task.train_stream()
+        if self.parallel.active:
+            self.parallel.broadcast_parameters(self.model)
+            try:
+                self.solver.distribute(self.parallel)
+            except ValueError as error:
+                raise HfrunError(str(error)) from None
+            self.stream = ShardedStream(self.stream, self.parallel)
         self.progress = Progress()
         self.score_key = cfg.run.early_stop.metric
         known = ["loss", self.task.metric_name]
@@ -372,8 +404,23 @@ class Run:
         self.checkpoint_dir = self.run_dir / "checkpoints"
 
     def _load_resume_state(self) -> dict | None:
+        """The checkpoint to resume from, read by rank 0 and handed to the others (no shared disk needed)."""
         if self.cfg.run.resume is None:
             return None
+        if not self.parallel.active:
+            return self._read_resume_state()
+        outcome = None
+        if self.parallel.is_main:
+            try:
+                outcome = ("state", self._read_resume_state())
+            except HfrunError as error:
+                outcome = ("refused", str(error))
+        kind, value = self.parallel.broadcast(outcome)
+        if kind == "refused":
+            raise HfrunError(value)
+        return value
+
+    def _read_resume_state(self) -> dict:
         path = Path(self.cfg.run.resume)
         state = load_checkpoint(path / "checkpoints" / "last.pt")
         try:
@@ -409,9 +456,20 @@ class Run:
 
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
-        metrics = self.task.evaluate(self.model)
+        metrics = self.task.evaluate(self.model, self.parallel)
         self.model.train()
         return metrics
+
+    def _save(self, name: str) -> None:
+        """checkpoints/<name>.pt, written by rank 0 only, once every process is seen to hold the same
+        parameters (they take the same decisions on the same all-reduced numbers; hfrun/distributed.py)."""
+        if not self.parallel.agree(self.model):
+            raise HfrunError(f"The {self.parallel.world_size} processes of this data-parallel run no longer hold "
+                             f"the same parameters at update {self.progress.update}, so no checkpoint was written. "
+                             "This is a bug in hfrun; please report it with the command. The last checkpoint "
+                             "written, if any, is consistent.")
+        if self.parallel.is_main:
+            save_checkpoint(self._state(), self.checkpoint_dir / f"{name}.pt")
 
     def _record_solved(self, progress: Progress, metrics: dict[str, float]) -> bool:
         """Note the first evaluation at which the task's success criterion holds; True when it holds now."""
@@ -431,7 +489,7 @@ class Run:
         if score < p.best_score - self.cfg.run.early_stop.min_delta:
             p.best_score, p.best_update, p.best_eval = score, p.update, dict(metrics)
             p.evals_without_improvement = 0
-            save_checkpoint(self._state(), self.checkpoint_dir / "best.pt")
+            self._save("best")
         else:
             p.evals_without_improvement += 1
         was_solved = bool(p.solved_at)
@@ -464,11 +522,14 @@ class Run:
 
     def train(self) -> dict:
         cfg, p = self.cfg, self.progress
-        logger = RunLogger(self.run_dir, OmegaConf.to_yaml(cfg), tensorboard=cfg.logger.tensorboard,
-                           progress=cfg.logger.progress, max_updates=cfg.run.max_updates,
-                           max_seconds=cfg.run.max_seconds, start_update=p.update, start_seconds=p.wall_time_s,
-                           metric_name=self.task.metric_name, start_counters=asdict(p),
-                           hparams=hparams_of(OmegaConf.to_container(cfg, resolve=True)))
+        if self.parallel.is_main:
+            logger = RunLogger(self.run_dir, OmegaConf.to_yaml(cfg), tensorboard=cfg.logger.tensorboard,
+                               progress=cfg.logger.progress, max_updates=cfg.run.max_updates,
+                               max_seconds=cfg.run.max_seconds, start_update=p.update, start_seconds=p.wall_time_s,
+                               metric_name=self.task.metric_name, start_counters=asdict(p),
+                               hparams=hparams_of(OmegaConf.to_container(cfg, resolve=True)))
+        else:
+            logger = SilentLogger()
         status, message, final, summary = None, None, p, None
         started = time.monotonic() - p.wall_time_s
         try:
@@ -479,7 +540,7 @@ class Run:
                     while status is None:
                         status, message = self._update(stop, logger, started)
                     if status != "diverged":
-                        save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
+                        self._save("last")
                     final, status = self._final_progress(status, logger)
             except KeyboardInterrupt:
                 status = "interrupted"
@@ -490,6 +551,10 @@ class Run:
             except OutputError as error:
                 status, message = "error", str(error) + " " + self._resume_advice()
             except Exception as error:
+                if self.parallel.active and isinstance(error, RuntimeError):  # a collective failed
+                    message = self._collective_failure(error)
+                    self._write_summary(p, "error", message)
+                    raise HfrunError(message) from None
                 self._write_summary(p, "error", f"{type(error).__name__}: {error}")
                 raise
             summary = self._write_summary(final, status, message)
@@ -499,6 +564,14 @@ class Run:
             print_summary(summary)
             raise OutputError(message)
         return summary
+
+    def _collective_failure(self, error: Exception) -> str:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"Process {self.parallel.rank} of this {self.parallel.world_size}-process data-parallel run stopped "
+                f"during update {self.progress.update + 1}: a collective operation failed ({first_line}). Another "
+                "process ended, was killed, or did not answer within run.collective_timeout_s="
+                f"{self.cfg.run.get('collective_timeout_s', 600):g} s. Look at the other processes' messages for "
+                f"the cause. {self._resume_advice()}")
 
     def _resume_advice(self) -> str:
         last = self.checkpoint_dir / "last.pt"
@@ -543,12 +616,16 @@ class Run:
             status = "budget"
         if status is None and stop.requested:
             status = "interrupted"
+        if self.parallel.active:  # stop together: rank 0's clock and Ctrl-C decide for every process
+            status, message = self.parallel.broadcast((status, message))
         if status is None and p.update % cfg.run.checkpoint_every == 0:
-            save_checkpoint(self._state(), self.checkpoint_dir / "last.pt")
+            self._save("last")
         return status, message
 
     def _write_summary(self, progress: Progress, status: str, message: str | None) -> dict:
         summary = self._summary(progress, status, message)
+        if not self.parallel.is_main:
+            return summary
         try:
             return write_summary(self.run_dir / "summary.json", summary)
         except OutputError as error:
@@ -586,8 +663,10 @@ class Run:
         if self.task.success_threshold is not None:
             summary["solved"] = bool(p.solved_at)
             summary.update({f"solved_{key}": value for key, value in p.solved_at.items()})
-        if status not in ("diverged", "error"):
+        if status not in ("diverged", "error") and self.parallel.is_main:
             summary.update(self.task.final_report(self.model))
+        if self.parallel.active:
+            summary["processes"] = self.parallel.world_size
         if message:
             summary["message"] = message
         summary["run_dir"] = str(self.run_dir)

@@ -89,8 +89,9 @@ class BlockDiagonalProduct:
         tangents = self.masks * p  # (K, n): block b's part of p, zero elsewhere
         if self.batched:
             try:
-                products = torch.func.vmap(self.curvature)(tangents)
-                self.curvature.products += len(tangents) - 1  # vmap called it once for K products
+                # vmap over this rank's products, then one reduction of all K (collectives do not vmap)
+                products = self.curvature.reduce(torch.func.vmap(self.curvature.local)(tangents), tangents)
+                self.curvature.products += len(tangents)
                 return (self.masks * products).sum(0)
             except (RuntimeError, NotImplementedError) as error:
                 log.warning("batched block products failed (%s); running them one block at a time",

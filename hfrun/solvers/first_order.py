@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from hfrun.distributed import SINGLE, DataParallel
 
 
 class FirstOrder:
@@ -19,15 +22,28 @@ class FirstOrder:
         if int(batch_size) < 1:
             raise ValueError(f"solver.batch_size must be a positive integer, got {batch_size}")
         self.model, self.loss, self.optimizer, self.batch_size = model, loss, optimizer, int(batch_size)
+        self.forward_model: nn.Module = model
+        self.parallel = SINGLE
+
+    def distribute(self, parallel: DataParallel) -> None:
+        """Run as one of `parallel.world_size` data-parallel processes: the model's forward goes through
+        DistributedDataParallel, whose backward averages the equal shares' gradients over the processes."""
+        if parallel.world_size > 1:
+            if self.batch_size % parallel.world_size:
+                raise ValueError(f"Under data parallelism every batch is shared equally by the processes, so "
+                                 f"solver.batch_size={self.batch_size} must be a multiple of their number, "
+                                 f"{parallel.world_size}. Change it, or the number of processes.")
+            self.forward_model = DistributedDataParallel(self.model)
+        self.parallel = parallel
 
     def step(self, stream) -> dict[str, float]:
-        batch = stream.next(self.batch_size)
+        batch = stream.next(self.batch_size)  # this process's share under data parallelism
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(batch.inputs), batch.targets, batch.mask)
+        loss = self.loss(self.forward_model(batch.inputs), batch.targets, batch.mask)
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"],
-                "examples_grad": batch.size, "examples_curv": 0}
+        return {"loss": self.parallel.mean_value(float(loss.detach())), "lr": self.optimizer.param_groups[0]["lr"],
+                "examples_grad": batch.size * self.parallel.world_size, "examples_curv": 0}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

@@ -54,9 +54,10 @@ from torch import Tensor, nn
 
 from hfrun.curvature import JV_METHODS, ParamSpec, martens_preconditioner, per_case_gradient_squares, trainable_parameters
 from hfrun.solvers.cg import CGResult, conjugate_gradient
+from hfrun.distributed import SINGLE, DataParallel
 from hfrun.solvers.second_order import (ChunkedCurvature, ChunkedObjective, LevenbergMarquardt, armijo, draw_chunks,
                                         leading_cases, like_parameters, quadratic_value, reduction_ratio, require,
-                                        set_parameters)
+                                        require_equal_shares, set_parameters)
 
 CURVATURES = ("ggn", "hessian")
 PRECONDITIONERS = ("none", "martens")
@@ -127,6 +128,16 @@ class HessianFree:
         self.spec = ParamSpec.from_module(model)
         self.objective = ChunkedObjective(model, loss, self.spec, self.weight_cost)
         self.warm_start: Tensor | None = None
+        self.parallel = SINGLE
+
+    def distribute(self, parallel: DataParallel) -> None:
+        """Run as one of `parallel.world_size` data-parallel processes (hfrun/distributed.py); the stream
+        passed to `step` must then hand out this rank's shares (distributed.ShardedStream)."""
+        require_equal_shares(parallel, {"gradient_batch_size": self.gradient_batch_size,
+                                        "curvature_batch_size": self.curvature_batch_size,
+                                        "backtrack_batch_size": self.backtrack_batch_size,
+                                        "chunk_size": self.chunk_size})
+        self.parallel = self.objective.parallel = parallel
 
     @property
     def damping(self) -> float:
@@ -147,8 +158,9 @@ class HessianFree:
         clock = time.perf_counter()
         theta = self.spec.flatten(trainable_parameters(self.model))
         gradient_batch = draw_chunks(stream, self.gradient_batch_size, self.chunk_size)
-        gradient_cases = sum(batch.size for batch in gradient_batch)
-        curvature_chunks = leading_cases(gradient_batch, self.curvature_batch_size)
+        shares = self.parallel.world_size  # each batch here is this process's share: 1/shares of the cases
+        gradient_cases = sum(batch.size for batch in gradient_batch) * shares
+        curvature_chunks = leading_cases(gradient_batch, self.curvature_batch_size // shares)
         data_loss, loss_before, gradient = self.objective.gradient(theta, gradient_batch)
         if not (math.isfinite(loss_before) and bool(torch.isfinite(gradient).all())):
             # Nothing sensible can follow; leave θ as it is and let the caller see the non-finite loss.
@@ -156,14 +168,16 @@ class HessianFree:
                     "examples_grad": gradient_cases, "examples_curv": 0}
         damped_curvature = ChunkedCurvature(self.model, self.loss, curvature_chunks, damping=self.damping,
                                             structural_damping=self.structural_damping, curvature=self.curvature,
-                                            jv_method=self.jv_method, weight_cost=self.weight_cost)
+                                            jv_method=self.jv_method, weight_cost=self.weight_cost,
+                                            parallel=self.parallel)
         curvature_cases = damped_curvature.cases
         preconditioner, examples_grad = None, gradient_cases
         if self.preconditioner == "martens":
             # Martens' release: the mean over cases of the squared per-case gradients ∇ℓᵢ². The operator
             # returns Σᵢ(∇ℓᵢ/B)², so multiply by B. Per-case gradients cost about a gradient on that batch.
-            squares = sum(per_case_gradient_squares(self.model, self.loss, chunk) * chunk.size * weight
-                          for chunk, weight in zip(curvature_chunks, damped_curvature.weights))
+            squares = self.parallel.mean(sum(per_case_gradient_squares(self.model, self.loss, chunk) * chunk.size
+                                             * weight for chunk, weight in zip(curvature_chunks,
+                                                                               damped_curvature.weights)))
             examples_grad += curvature_cases
             preconditioner = martens_preconditioner(squares, self.damping + self.weight_cost,
                                                     self.preconditioner_exponent)

@@ -7,6 +7,9 @@
   place where sums over cases are reduced.
 - `ChunkedCurvature`: v ↦ Σ_c (n_c/n)·(C_c + λI + μλ·G_S,c)v + weight_cost·v, the damped curvature of the
   quadratic model, from one `CurvatureOperator` per chunk; it counts its products.
+- Data parallelism (hfrun/distributed.py): under W processes each holds an equal share of every batch, and
+  the objective, its gradient and the curvature products above are the mean over ranks of the shares' values
+  (`DataParallel.mean`), here and nowhere else in the solvers.
 - `LevenbergMarquardt`: λ ×3/2 when the reduction ratio ρ < 1/4, ×2/3 when ρ > 3/4 (Martens 2010, and
   SGN 2020 for its damping), kept in [minimum, maximum]; a NaN ratio changes nothing. It counts the
   consecutive updates with ρ < 1/4 at the maximum, which HF reports as a stall.
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hfrun.curvature import CurvatureOperator, ParamSpec, trainable_parameters
+from hfrun.distributed import SINGLE, DataParallel
 
 
 def require(condition: bool, message: str) -> None:
@@ -38,6 +42,15 @@ def set_parameters(model: nn.Module, spec: ParamSpec, theta: Tensor) -> None:
     """Write the flat vector θ into the model's trainable parameters."""
     for p, value in zip(trainable_parameters(model).values(), spec.unflatten(theta).values()):
         p.copy_(value)
+
+
+def require_equal_shares(parallel: DataParallel, sizes: dict[str, int]) -> None:
+    """Every batch size (solver.<name>) a multiple of the number of processes, so that the shares are equal."""
+    uneven = {name: size for name, size in sizes.items() if size and size % parallel.world_size}
+    require(not uneven, "Under data parallelism every batch is shared equally by the processes, so each batch "
+            f"size must be a multiple of their number, {parallel.world_size}; "
+            + ", ".join(f"solver.{name}={size}" for name, size in uneven.items())
+            + " is not. Change it, or the number of processes (torchrun --nproc_per_node).")
 
 
 def like_parameters(model: nn.Module, tensor: Tensor | None) -> Tensor | None:
@@ -69,20 +82,24 @@ def leading_cases(chunks: list, size: int) -> list:
 
 
 class ChunkedObjective:
-    """f(θ) = L(θ; chunks) + ½·weight_cost·‖θ‖², L the size-weighted mean of the chunks' losses."""
+    """f(θ) = L(θ; chunks) + ½·weight_cost·‖θ‖², L the size-weighted mean of the chunks' losses (over the
+    ranks' equal shares of the chunks under data parallelism)."""
 
-    def __init__(self, model: nn.Module, loss, spec: ParamSpec, weight_cost: float = 0.0):
+    def __init__(self, model: nn.Module, loss, spec: ParamSpec, weight_cost: float = 0.0,
+                 parallel: DataParallel = SINGLE):
         self.model, self.loss, self.spec, self.weight_cost = model, loss, spec, float(weight_cost)
+        self.parallel = parallel
 
     def value(self, theta: Tensor, batches: list) -> float:
         """f(θ) on the chunks, without a graph."""
         total = sum(batch.size for batch in batches)
         params = self.spec.unflatten(theta)
         with torch.no_grad():
-            value = sum(self.loss(functional_call(self.model, params, (batch.inputs,)), batch.targets, batch.mask)
-                        * (batch.size / total) for batch in batches)
+            value = self.parallel.mean_value(float(sum(
+                self.loss(functional_call(self.model, params, (batch.inputs,)), batch.targets, batch.mask)
+                * (batch.size / total) for batch in batches)))
             if self.weight_cost:
-                value = value + 0.5 * self.weight_cost * theta.dot(theta)
+                value = value + 0.5 * self.weight_cost * float(theta.dot(theta))
         return float(value)
 
     def gradient(self, theta: Tensor, batches: list) -> tuple[float, float, Tensor]:
@@ -94,6 +111,8 @@ class ChunkedObjective:
             loss = self.loss(self.model(batch.inputs), batch.targets, batch.mask) * (batch.size / total)
             gradient += self.spec.flatten(torch.autograd.grad(loss, params))
             data_loss += float(loss.detach())
+        if self.parallel.active:
+            gradient, data_loss = self.parallel.mean(gradient), self.parallel.mean_value(data_loss)
         objective = data_loss
         if self.weight_cost:
             gradient = gradient + self.weight_cost * theta
@@ -105,17 +124,20 @@ class ChunkedCurvature:
     """The damped curvature of the quadratic model on a chunked batch, as a product v ↦ A v.
 
     A = Σ_c (n_c/n)·(C_c + λI + μλ·G_S,c) + weight_cost·I, with one CurvatureOperator per chunk (see
-    hfrun.curvature for C, λ and μ). `damping` may change between products; `products` counts them;
-    `trace_seconds` is the time the operators spent tracing products for new batch shapes.
+    hfrun.curvature for C, λ and μ), the mean over ranks of their shares' products under data parallelism.
+    `damping` may change between products; `products` counts them; `trace_seconds` is the time the
+    operators spent tracing products for new batch shapes; `cases` is the global batch's size.
     """
 
     def __init__(self, model: nn.Module, loss, chunks: list, *, damping: float, structural_damping: float = 0.0,
-                 curvature: str = "ggn", jv_method: str = "auto", weight_cost: float = 0.0):
-        self.cases = sum(chunk.size for chunk in chunks)
+                 curvature: str = "ggn", jv_method: str = "auto", weight_cost: float = 0.0,
+                 parallel: DataParallel = SINGLE):
+        self.parallel = parallel
+        self.cases = sum(chunk.size for chunk in chunks) * parallel.world_size
         self.operators = [CurvatureOperator(model, loss, chunk, damping=damping,
                                             structural_damping=structural_damping, curvature=curvature,
                                             jv_method=jv_method) for chunk in chunks]
-        self.weights = [chunk.size / self.cases for chunk in chunks]
+        self.weights = [chunk.size * parallel.world_size / self.cases for chunk in chunks]
         self.trace_seconds = sum(operator.trace_seconds for operator in self.operators)
         self.weight_cost = float(weight_cost)
         self.products = 0
@@ -125,11 +147,19 @@ class ChunkedCurvature:
         for operator in self.operators:
             operator.damping = damping
 
+    def local(self, v: Tensor) -> Tensor:
+        """This rank's share of the product, without the weight cost: what `reduce` combines."""
+        return (self.operators[0].mv(v) if len(self.operators) == 1
+                else sum(weight * operator.mv(v) for weight, operator in zip(self.weights, self.operators)))
+
+    def reduce(self, local_products: Tensor, v: Tensor) -> Tensor:
+        """The ranks' `local` products of v (or of a stack of vectors) combined, plus weight_cost·v."""
+        product = self.parallel.mean(local_products)
+        return product + self.weight_cost * v if self.weight_cost else product
+
     def __call__(self, v: Tensor) -> Tensor:
         self.products += 1
-        product = (self.operators[0].mv(v) if len(self.operators) == 1
-                   else sum(weight * operator.mv(v) for weight, operator in zip(self.weights, self.operators)))
-        return product + self.weight_cost * v if self.weight_cost else product
+        return self.reduce(self.local(v), v)
 
 
 def quadratic_value(curvature_product: Callable[[Tensor], Tensor], gradient: Tensor, d: Tensor) -> float:

@@ -39,8 +39,9 @@ from torch import Tensor, nn
 
 from hfrun.curvature import JV_METHODS, ParamSpec, trainable_parameters
 from hfrun.solvers.cg import conjugate_gradient
+from hfrun.distributed import SINGLE, DataParallel
 from hfrun.solvers.second_order import (ChunkedCurvature, ChunkedObjective, LevenbergMarquardt, armijo, like_parameters,
-                                        reduction_ratio, require, set_parameters)
+                                        reduction_ratio, require, require_equal_shares, set_parameters)
 
 DAMPING_SCHEDULES = ("const", "linear", "cos")
 PRECONDITIONERS = ("none", "gradient")
@@ -103,6 +104,12 @@ class SGN:
         self.levenberg_marquardt = LevenbergMarquardt(initial_damping, damping_min)
         self.updates = 0  # t, for the bias correction, the warm-up CG steps and the damping schedule
         self.momentum_buffer: Tensor | None = None
+        self.parallel = SINGLE
+
+    def distribute(self, parallel: DataParallel) -> None:
+        """Run as one of `parallel.world_size` data-parallel processes (see HessianFree.distribute)."""
+        require_equal_shares(parallel, {"batch_size": self.batch_size})
+        self.parallel = self.objective.parallel = parallel
 
     @property
     def damping(self) -> float:
@@ -114,17 +121,18 @@ class SGN:
 
     def step(self, stream) -> dict[str, float]:
         clock = time.perf_counter()
-        batch = [stream.next(self.batch_size)]
+        batch = [stream.next(self.batch_size)]  # this process's share under data parallelism
+        cases = batch[0].size * self.parallel.world_size
         theta = self.spec.flatten(trainable_parameters(self.model))
         loss, loss_before, gradient = self.objective.gradient(theta, batch)
         if not (math.isfinite(loss_before) and bool(torch.isfinite(gradient).all())):
             return {"loss": math.nan if math.isfinite(loss) else loss, "objective": loss_before,
-                    "examples_grad": batch[0].size, "examples_curv": 0}
+                    "examples_grad": cases, "examples_curv": 0}
         damping = self.damping
         self.updates += 1
         direction_of_descent = self._momentum(gradient)
         damped_curvature = ChunkedCurvature(self.model, self.loss, batch, damping=damping, jv_method=self.jv_method,
-                                            weight_cost=self.objective.weight_cost)
+                                            weight_cost=self.objective.weight_cost, parallel=self.parallel)
         preconditioner = None
         if self.preconditioner == "gradient":
             preconditioner = (direction_of_descent.square() + damping).pow(self.preconditioner_exponent)
@@ -159,7 +167,7 @@ class SGN:
                 "q_reduction": -model_reduction, "actual_reduction": loss_before - value_at_first,
                 "line_search_reduction": loss_before - loss_after, "step_size": step_size,
                 "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
-                "examples_grad": batch[0].size, "examples_curv": damped_curvature.products * batch[0].size}
+                "examples_grad": cases, "examples_curv": damped_curvature.products * cases}
 
     def _momentum(self, gradient: Tensor) -> Tensor:
         """m̂ = m/(1 − βᵗ) with m ← βm + (1 − β)g; g itself when β = 0."""

@@ -117,14 +117,21 @@ class Task:
         return {"input_size": self.input_size, "output_size": self.output_size}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Per-case loss and metric on the held-out set."""
+    def evaluate(self, model: nn.Module, parallel=None) -> dict[str, float]:
+        """Per-case loss and metric on the held-out set. Under data parallelism (`parallel`, a
+        hfrun.distributed.DataParallel) the batches are dealt out to the processes in turn and the sums
+        added up over them."""
+        rank, world_size = (0, 1) if parallel is None else (parallel.rank, parallel.world_size)
         loss_sum, metric_sum, cases = 0.0, 0.0, 0
-        for batch in self.eval_batches():
+        for index, batch in enumerate(self.eval_batches()):
+            if index % world_size != rank:
+                continue
             outputs = model(batch.inputs)
             loss_sum += float(self.loss(outputs, batch.targets, batch.mask)) * batch.size
             metric_sum += float(self.metric_sum(outputs, batch))
             cases += batch.size
+        if world_size > 1:
+            loss_sum, metric_sum, cases = parallel.sum([loss_sum, metric_sum, cases])
         metrics = {"loss": loss_sum / cases}
         if self.metric_name != "loss":
             metrics[self.metric_name] = metric_sum / cases
