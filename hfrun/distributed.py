@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +42,15 @@ from torch import Tensor
 from hfrun.tasks.base import Batch
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataParallel:
-    """Where this process stands in a data-parallel run: rank `rank` of `world_size`."""
+    """Where this process stands in a data-parallel run: rank `rank` of `world_size`; `collective_seconds`
+    adds up the time spent in the all-reduces of the solvers' sums (waiting for the other processes
+    included), which the engine reports per update as `time_collective_s`."""
 
     rank: int = 0
     world_size: int = 1
+    collective_seconds: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -62,7 +66,9 @@ class DataParallel:
         if not self.active:
             return tensor
         reduced = tensor.detach().clone()
+        started = time.perf_counter()
         dist.all_reduce(reduced)
+        self.collective_seconds += time.perf_counter() - started
         return reduced / self.world_size
 
     def mean_value(self, value: float) -> float:

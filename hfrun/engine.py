@@ -583,10 +583,13 @@ class Run:
     def _update(self, stop: StopRequest, logger: RunLogger, started: float) -> tuple[str | None, str | None]:
         """One solver update with its counting, logging, evaluation and checkpoint; (stop status, message)."""
         cfg, p = self.cfg, self.progress
+        collective_seconds = self.parallel.collective_seconds
         try:
             stats = self.solver.step(self.stream)
         except FloatingPointError as error:  # e.g. CG met a NaN curvature product
             stats = {"loss": math.nan, "error": str(error)}
+        if self.parallel.active:
+            stats["time_collective_s"] = self.parallel.collective_seconds - collective_seconds
         if not math.isfinite(stats["loss"]) or not _parameters_finite(self.model):
             detail = f" ({stats['error']})" if "error" in stats else ""
             what = (f"The training loss became {stats['loss']}" if not math.isfinite(stats["loss"])

@@ -36,6 +36,8 @@ SGN_LINREG = ["solver=sgn", "task=linreg", "model=linear", "run.dtype=float64", 
               "solver.cg_max_iters=4", "run.eval_every=2"]
 ADAM_LINREG = ["solver=adam", "task=linreg", "model=linear", "run.dtype=float64", "solver.batch_size=64",
                "run.eval_every=2"]
+BDHF_MLP = ["solver=bdhf", "task=linreg", "model=mlp", "run.dtype=float64", "solver.cg_max_iters=3",
+            "run.eval_every=2"]  # one block per layer: the vmapped block products, reduced once per CG step
 
 
 def free_port() -> int:
@@ -108,8 +110,8 @@ def test_hf_on_two_processes_equals_one_and_resumes_at_either_world_size(make_co
     assert_same_run(tmp_path / "two", tmp_path / "one_6")
 
 
-def test_sgn_and_adam_on_two_processes_equal_one(make_config, tmp_path):
-    for name, overrides in (("sgn", SGN_LINREG), ("adam", ADAM_LINREG)):
+def test_sgn_bdhf_and_adam_on_two_processes_equal_one(make_config, tmp_path):
+    for name, overrides in (("sgn", SGN_LINREG), ("bdhf", BDHF_MLP), ("adam", ADAM_LINREG)):
         results = run_processes([*overrides, "run.max_updates=4"], tmp_path / f"{name}_two")
         assert all(code == 0 for code, _, _ in results), results
         single_process(make_config, [*overrides, "run.max_updates=4"], tmp_path / f"{name}_one")
