@@ -110,12 +110,13 @@ def test_hf_on_two_processes_equals_one_and_resumes_at_either_world_size(make_co
     assert_same_run(tmp_path / "two", tmp_path / "one_6")
 
 
-def test_sgn_bdhf_and_adam_on_two_processes_equal_one(make_config, tmp_path):
-    for name, overrides in (("sgn", SGN_LINREG), ("bdhf", BDHF_MLP), ("adam", ADAM_LINREG)):
-        results = run_processes([*overrides, "run.max_updates=4"], tmp_path / f"{name}_two")
-        assert all(code == 0 for code, _, _ in results), results
-        single_process(make_config, [*overrides, "run.max_updates=4"], tmp_path / f"{name}_one")
-        assert_same_run(tmp_path / f"{name}_two", tmp_path / f"{name}_one")
+@pytest.mark.parametrize("overrides", [SGN_LINREG, pytest.param(BDHF_MLP, marks=pytest.mark.slow),
+                                       pytest.param(ADAM_LINREG, marks=pytest.mark.slow)], ids=["sgn", "bdhf", "adam"])
+def test_other_solvers_on_two_processes_equal_one(make_config, tmp_path, overrides):
+    results = run_processes([*overrides, "run.max_updates=4"], tmp_path / "two")
+    assert all(code == 0 for code, _, _ in results), results
+    single_process(make_config, [*overrides, "run.max_updates=4"], tmp_path / "one")
+    assert_same_run(tmp_path / "two", tmp_path / "one")
 
 
 def test_a_killed_process_ends_the_other_with_a_message(tmp_path):
@@ -134,6 +135,7 @@ def test_a_killed_process_ends_the_other_with_a_message(tmp_path):
     assert summary["status"] == "error" and "collective operation failed" in summary["message"]
 
 
+@pytest.mark.slow  # the library-level check below is in the default suite
 def test_a_batch_that_cannot_be_shared_equally_is_refused(tmp_path):
     results = run_processes([*HF_ADDITION, "task.solver_hints.curvature_batch_size=41", "run.max_updates=1"],
                             tmp_path / "uneven")

@@ -4,7 +4,7 @@
 out=$1; shift
 cd "$(dirname "$0")/../.."  # the repository root
 export OMP_NUM_THREADS=1
-rm -rf $out/one $out/two
+mkdir -p "$out"; rm -rf $out/one $out/two
 /usr/bin/time -f "one process: %e s wall" .venv/bin/hfrun "$@" run.threads=1 logger.progress=false hydra.run.dir=$out/one > $out/one.log 2>&1
 /usr/bin/time -f "two processes: %e s wall" .venv/bin/torchrun --standalone --nproc_per_node=2 -m hfrun.cli "$@" run.threads=1 logger.progress=false hydra.run.dir=$out/two > $out/two.log 2>&1
 tail -1 $out/one.log; tail -1 $out/two.log
