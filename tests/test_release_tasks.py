@@ -231,3 +231,63 @@ def test_steps_after_the_target_change_neither_loss_nor_curvature():
         operator = CurvatureOperator(model, loss, batch, damping=damping, jv_method=jv_method)
         columns = [operator.mv(column) for column in torch.eye(flat.numel(), dtype=torch.float64)]
         torch.testing.assert_close(torch.stack(columns, 1), expected, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the release's RNN: no biases, a learned h_0
+
+
+@pytest.mark.parametrize("impl", ["analytic", "loop", "fused"])
+def test_rnn_without_biases_and_with_a_learned_initial_state_against_a_hand_loop(impl):
+    torch.manual_seed(7)
+    model = RNN(3, 2, hidden_size=5, impl=impl, bias=False, initial_state="learned").double()
+    assert sorted(name for name, _ in model.named_parameters()) == [
+        "initial_state", "readout.weight", "rnn.weight_hh_l0", "rnn.weight_ih_l0"]
+    with torch.no_grad():
+        model.initial_state.copy_(torch.randn(5))
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    hidden, states, preactivations = model.initial_state.expand(4, -1), [], []
+    for t in range(6):
+        a = x[:, t] @ model.rnn.weight_ih_l0.T + hidden @ model.rnn.weight_hh_l0.T
+        hidden = torch.tanh(a)
+        states.append(hidden)
+        preactivations.append(a)
+    expected = torch.stack(states, 1) @ model.readout.weight.T
+    z, a = model.forward_with_preactivations(x)
+    torch.testing.assert_close(z, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a, torch.stack(preactivations, 1), rtol=1e-12, atol=1e-12)
+    gradient = torch.autograd.grad(z.square().sum() + a.sin().sum(), model.initial_state)[0]
+    reference = torch.autograd.grad(expected.square().sum() + torch.stack(preactivations, 1).sin().sum(),
+                                    model.initial_state)[0]
+    torch.testing.assert_close(gradient, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_curvature_of_the_release_rnn_matches_dense_with_structural_damping():
+    from test_curvature import assert_close_matrices, dense_ggn, operator_matrix, parameter_dict
+
+    torch.manual_seed(8)
+    task = CLASSES["addition"](name="a", T=10, seed=2, device="cpu", dtype=torch.float64, protocol="release")
+    batch = task.train_stream().next(4)
+    model = RNN(2, 1, hidden_size=4, bias=False, initial_state="learned").double()
+    with torch.no_grad():
+        model.initial_state.copy_(0.5 * torch.randn(4))
+    loss, damping, mu = SquaredError(), 0.4, 0.3
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def preactivations_by_hand(flat: torch.Tensor) -> torch.Tensor:
+        p = parameter_dict(model, flat)
+        hidden, preactivations = p["initial_state"].expand(batch.size, -1), []
+        for t in range(batch.inputs.shape[1]):
+            a = batch.inputs[:, t] @ p["rnn.weight_ih_l0"].T + hidden @ p["rnn.weight_hh_l0"].T
+            hidden = torch.tanh(a)
+            preactivations.append(a)
+        return torch.stack(preactivations, 1)
+
+    J_a = jacobian(lambda t: preactivations_by_hand(t).reshape(-1), theta)
+    H_S = torch.diag((1 - torch.tanh(preactivations_by_hand(theta)).square()).reshape(-1) / batch.size)
+    expected = (dense_ggn(model, loss, batch) + damping * torch.eye(theta.numel(), dtype=torch.float64)
+                + mu * damping * J_a.T @ H_S @ J_a)
+    for jv_method in ("traced", "jvp"):
+        operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu,
+                                     jv_method=jv_method)
+        assert_close_matrices(operator_matrix(operator), expected)

@@ -1,6 +1,6 @@
 """A tanh recurrent network with a linear readout at every step (Martens & Sutskever 2011).
 
-    a_t = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh,   h_t = tanh(a_t),   h_0 = 0,
+    a_t = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh,   h_t = tanh(a_t),   h_0 = 0 (or learned),
     z_t = W_ho h_t + b_o.
 
 The outputs z are pre-activations: the task's matching loss supplies the
@@ -19,7 +19,8 @@ Initializations:
   - "spectral" (Sutskever et al. 2013): W_hh sparse as above, then rescaled to
     spectral radius `spectral_radius`; W_ih = 0.001·N(0, 1), dense;
     W_ho sparse as above. `input_scale` is not used.
-  All biases start at zero. Draws come from torch's global RNG.
+  All biases (where the model has them) and a learned h_0 start at zero. Draws come from
+  torch's global RNG.
 """
 from __future__ import annotations
 
@@ -50,19 +51,27 @@ def spectral_radius_of(weight: Tensor) -> float:
     return float(torch.linalg.eigvals(weight.detach().to(device="cpu", dtype=torch.float64)).abs().max())
 
 
-def fused_hidden_states(rnn: nn.RNN, x: Tensor) -> Tensor:
-    """h (B, L, H) from torch's RNN kernel. cuDNN is switched off because cuDNN RNNs
-    have no double backward (pytorch/pytorch#5261) nor, as far as we know, forward-mode
-    AD, which curvature products need; the native kernel is a C++ loop of
-    differentiable ops on any device."""
+def input_drive(rnn: nn.RNN, x_flat: Tensor) -> Tensor:
+    """W_ih x (+ b_ih + b_hh when the RNN has biases) for (N, input_size) inputs, one matmul."""
+    if rnn.bias:
+        return torch.addmm(rnn.bias_ih_l0 + rnn.bias_hh_l0, x_flat, rnn.weight_ih_l0.T)
+    return x_flat @ rnn.weight_ih_l0.T
+
+
+def fused_hidden_states(rnn: nn.RNN, x: Tensor, initial: Tensor | None = None) -> Tensor:
+    """h (B, L, H) from torch's RNN kernel, from h_0 = `initial` (H,) or 0. cuDNN is switched off because
+    cuDNN RNNs have no double backward (pytorch/pytorch#5261) nor, as far as we know, forward-mode AD,
+    which curvature products need; the native kernel is a C++ loop of differentiable ops on any device."""
+    start = None if initial is None else initial.expand(1, x.shape[0], -1).contiguous()
     with torch.backends.cudnn.flags(enabled=False):
-        return rnn(x)[0]
+        return rnn(x, start)[0]
 
 
-def loop_hidden_states(rnn: nn.RNN, x: Tensor) -> Tensor:
-    """h (B, L, H) from a Python loop over steps; the input projection is one batched matmul."""
-    drive = torch.addmm(rnn.bias_ih_l0 + rnn.bias_hh_l0, x.flatten(0, 1), rnn.weight_ih_l0.T)
-    hidden = x.new_zeros(x.shape[0], rnn.hidden_size)
+def loop_hidden_states(rnn: nn.RNN, x: Tensor, initial: Tensor | None = None) -> Tensor:
+    """h (B, L, H) from a Python loop over steps from h_0 = `initial` or 0; the input projection is one
+    batched matmul."""
+    drive = input_drive(rnn, x.flatten(0, 1))
+    hidden = x.new_zeros(x.shape[0], rnn.hidden_size) if initial is None else initial.expand(x.shape[0], -1)
     states = []
     # unbind, not drive[:, t]: each indexing op's backward would write a full (B, L, H) zero tensor
     for drive_t in drive.unflatten(0, x.shape[:2]).unbind(dim=1):
@@ -71,19 +80,29 @@ def loop_hidden_states(rnn: nn.RNN, x: Tensor) -> Tensor:
     return torch.stack(states, dim=1)
 
 
-def analytic_states(rnn: nn.RNN, x: Tensor) -> tuple[Tensor, Tensor]:
+def analytic_states(rnn: nn.RNN, x: Tensor, initial: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(h, a), each time-major (L, B, H), from the recurrence with hand-written backward and forward-mode
-    rules (models/recurrence.py). The input drive W_ih x_t + b_ih + b_hh is one matmul, time-major."""
+    rules (models/recurrence.py). The input drive W_ih x_t + b_ih + b_hh is one matmul, time-major. A
+    learned h_0 enters as W_hh h_0 added to the first step's drive, which is what it contributes to a_1."""
     x_time_major = x.transpose(0, 1)
-    drive = torch.addmm(rnn.bias_ih_l0 + rnn.bias_hh_l0, x_time_major.reshape(-1, x.shape[-1]), rnn.weight_ih_l0.T)
-    return tanh_recurrence(drive.view(*x_time_major.shape[:2], -1), rnn.weight_hh_l0)
+    drive = input_drive(rnn, x_time_major.reshape(-1, x.shape[-1])).view(*x_time_major.shape[:2], -1)
+    if initial is not None:
+        drive = torch.cat([drive[:1] + initial @ rnn.weight_hh_l0.T, drive[1:]])
+    return tanh_recurrence(drive, rnn.weight_hh_l0)
 
 
-def analytic_hidden_states(rnn: nn.RNN, x: Tensor) -> Tensor:
-    return analytic_states(rnn, x)[0].transpose(0, 1)
+def analytic_hidden_states(rnn: nn.RNN, x: Tensor, initial: Tensor | None = None) -> Tensor:
+    return analytic_states(rnn, x, initial)[0].transpose(0, 1)
+
+
+def input_drive_of_pairs(rnn: nn.RNN, pairs: Tensor, weight: Tensor) -> Tensor:
+    """[x_t, h_{t−1}] [W_ih, W_hh]ᵀ (+ b_ih + b_hh): the pre-activations from (B, L, input + H) pairs."""
+    product = pairs @ weight.T
+    return product + (rnn.bias_ih_l0 + rnn.bias_hh_l0) if rnn.bias else product
 
 
 HIDDEN_STATES = {"fused": fused_hidden_states, "loop": loop_hidden_states, "analytic": analytic_hidden_states}
+INITIAL_STATES = ("zero", "learned")
 
 
 class RNN(nn.Module):
@@ -100,11 +119,17 @@ class RNN(nn.Module):
       - "fused": torch's RNN kernel, cuDNN off because cuDNN RNNs lack
         forward-mode AD; its `linearize` trace drifts in torch 2.13, so its
         curvature products use jvp.
+
+    Sutskever's release differs in two ways, each an option: it has no biases
+    (`bias=False`) and it learns the initial hidden state h_0
+    (`initial_state="learned"`, a parameter `initial_state` of size H,
+    starting at 0; the default "zero" fixes h_0 = 0).
     """
 
     def __init__(self, input_size: int, output_size: int, hidden_size: int = 100, init: str = "sparse",
                  sparse_fan_in: int = 15, input_scale: float = 0.25, spectral_radius: float = 1.1,
-                 impl: str = "analytic", sparse_scale: str = "nonzeros"):
+                 impl: str = "analytic", sparse_scale: str = "nonzeros", bias: bool = True,
+                 initial_state: str = "zero"):
         super().__init__()
         for label, size in (("input_size", input_size), ("output_size", output_size),
                             ("hidden_size", hidden_size), ("sparse_fan_in", sparse_fan_in)):
@@ -120,10 +145,13 @@ class RNN(nn.Module):
             raise ValueError(f"model.input_scale must be finite and >= 0, got {input_scale!r}")
         if not (math.isfinite(spectral_radius) and spectral_radius > 0):
             raise ValueError(f"model.spectral_radius must be finite and > 0, got {spectral_radius!r}")
+        if initial_state not in INITIAL_STATES:
+            raise ValueError(f"model.initial_state={initial_state!r} is unknown; choose one of {INITIAL_STATES}")
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         self.init, self.impl = init, impl
-        self.rnn = nn.RNN(input_size, hidden_size, nonlinearity="tanh", batch_first=True)
-        self.readout = nn.Linear(hidden_size, output_size)
+        self.rnn = nn.RNN(input_size, hidden_size, nonlinearity="tanh", batch_first=True, bias=bool(bias))
+        self.readout = nn.Linear(hidden_size, output_size, bias=bool(bias))
+        self.initial_state = nn.Parameter(torch.zeros(hidden_size)) if initial_state == "learned" else None
         with torch.no_grad():
             INITIALIZERS[init](self, sparse_fan_in=sparse_fan_in, sparse_scale=sparse_scale,
                                input_scale=input_scale, spectral_radius=spectral_radius)
@@ -135,13 +163,13 @@ class RNN(nn.Module):
     def hidden_states(self, x: Tensor) -> Tensor:
         """h (B, L, H)."""
         self._check_inputs(x)
-        return HIDDEN_STATES[self.impl](self.rnn, x)
+        return HIDDEN_STATES[self.impl](self.rnn, x, self.initial_state)
 
     def forward(self, x: Tensor) -> Tensor:
         """z (B, L, O): the linear readout of h at every step."""
         if self.impl == "analytic":  # the readout on time-major h, then only the small z is transposed
             self._check_inputs(x)
-            return self.readout(analytic_states(self.rnn, x)[0]).transpose(0, 1)
+            return self.readout(analytic_states(self.rnn, x, self.initial_state)[0]).transpose(0, 1)
         return self.readout(self.hidden_states(x))
 
     def forward_with_preactivations(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,13 +180,21 @@ class RNN(nn.Module):
         """
         if self.impl == "analytic":  # a comes out of the recurrence itself, no recomputation
             self._check_inputs(x)
-            hidden, preactivations = analytic_states(self.rnn, x)
+            hidden, preactivations = analytic_states(self.rnn, x, self.initial_state)
             return self.readout(hidden).transpose(0, 1), preactivations.transpose(0, 1)
         hidden = self.hidden_states(x)
-        previous = torch.cat([hidden.new_zeros(hidden.shape[0], 1, self.hidden_size), hidden[:, :-1]], dim=1)
+        start = (hidden.new_zeros(hidden.shape[0], 1, self.hidden_size) if self.initial_state is None
+                 else self.initial_state.expand(hidden.shape[0], 1, -1))
+        previous = torch.cat([start, hidden[:, :-1]], dim=1)
         weight = torch.cat([self.rnn.weight_ih_l0, self.rnn.weight_hh_l0], dim=1)
-        preactivations = torch.cat([x, previous], dim=-1) @ weight.T + (self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0)
+        preactivations = input_drive_of_pairs(self.rnn, torch.cat([x, previous], dim=-1), weight)
         return self.readout(hidden), preactivations
+
+
+def zero_biases(model: RNN) -> None:
+    if model.rnn.bias:
+        for bias in (model.rnn.bias_ih_l0, model.rnn.bias_hh_l0, model.readout.bias):
+            bias.zero_()
 
 
 def init_sparse(model: RNN, *, sparse_fan_in: int, sparse_scale: str, input_scale: float,
@@ -169,8 +205,7 @@ def init_sparse(model: RNN, *, sparse_fan_in: int, sparse_scale: str, input_scal
     rnn.weight_ih_l0.copy_(input_scale * sparse_weight(model.hidden_size, model.input_size, sparse_fan_in,
                                                        sparse_scale))
     model.readout.weight.copy_(sparse_weight(model.output_size, model.hidden_size, sparse_fan_in, sparse_scale))
-    for bias in (rnn.bias_ih_l0, rnn.bias_hh_l0, model.readout.bias):
-        bias.zero_()
+    zero_biases(model)
 
 
 def init_spectral(model: RNN, *, sparse_fan_in: int, sparse_scale: str, input_scale: float,
@@ -184,8 +219,7 @@ def init_spectral(model: RNN, *, sparse_fan_in: int, sparse_scale: str, input_sc
     rnn.weight_hh_l0.copy_(recurrent * (spectral_radius / radius))
     rnn.weight_ih_l0.copy_(SPECTRAL_INPUT_STD * torch.randn(model.hidden_size, model.input_size))
     model.readout.weight.copy_(sparse_weight(model.output_size, model.hidden_size, sparse_fan_in, sparse_scale))
-    for bias in (rnn.bias_ih_l0, rnn.bias_hh_l0, model.readout.bias):
-        bias.zero_()
+    zero_biases(model)
 
 
 INITIALIZERS = {"sparse": init_sparse, "spectral": init_spectral}
