@@ -13,8 +13,9 @@ status column but count neither as failures nor as successes.
 `--split-by solver.lr` (repeatable) separates runs by config values, read from each run's
 `.hydra/config.yaml` next to its summary.json ("?" where a run has none; runs whose config
 lacks the key, such as HF for solver.lr, are not split). Runs of the pathological tasks are always split by
-the task's definition: those not under the release's (the default) are labelled `task.protocol=hfrun`,
-as are runs from before the option, which all used hfrun's.
+the task's definition (summary.json's task_protocol, else the run's config): those not under the
+release's (the default) are labelled `task.protocol=hfrun`, as are runs from before the option, which all
+used hfrun's.
 
 `--format markdown|csv` prints the table for a README or a spreadsheet instead of the console table.
 
@@ -91,14 +92,17 @@ def _read(path: Path) -> dict:
     return summary
 
 
-def task_protocol(summary: dict) -> str | None:
-    """Which definition a pathological task's run used (task.protocol); runs from before the option existed
-    used hfrun's. None for other tasks."""
+def task_protocol(summary: dict, summary_path: Path) -> str | None:
+    """Which definition a pathological task's run used: the summary's task_protocol, else task.protocol in
+    the run's .hydra/config.yaml, else hfrun's (runs from before the option existed). None for other tasks."""
     from hfrun.published import MS2011_FIGURE3
 
     if summary.get("task_protocol"):
         return str(summary["task_protocol"])
-    return "hfrun" if str(summary["task"]).rpartition("_T")[0] in MS2011_FIGURE3 else None
+    if str(summary["task"]).rpartition("_T")[0] not in MS2011_FIGURE3:
+        return None
+    configured = run_settings(summary_path, ("task.protocol",))["task.protocol"]
+    return configured if configured not in (None, "?") else "hfrun"
 
 
 def collect(directories: list[Path], split_by: tuple[str, ...] = ()) -> dict[tuple[str, str], list[dict]]:
@@ -116,7 +120,7 @@ def collect(directories: list[Path], split_by: tuple[str, ...] = ()) -> dict[tup
             summary = _read(path)
             summary["_path"] = str(path)
             settings = run_settings(path, split_by)
-            protocol = task_protocol(summary)
+            protocol = task_protocol(summary, path)
             label = " ".join([str(summary["solver"]), *(f"{k}={v}" for k, v in settings.items() if v is not None),
                               *([f"task.protocol={protocol}"] if protocol not in (None, "release")
                                 and "task.protocol" not in settings else [])])

@@ -199,8 +199,14 @@ def test_runs_of_the_two_task_definitions_are_never_averaged_together(tmp_path):
         else:
             del summary["task_protocol"]
         path.write_text(json.dumps(summary))
+    _summary(tmp_path / "configured", "addition_T30", "hf", True, 1000.0)  # no task_protocol, a config saying release
+    path = tmp_path / "configured" / "summary.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "task_protocol"}))
+    (tmp_path / "configured" / ".hydra").mkdir()
+    (tmp_path / "configured" / ".hydra" / "config.yaml").write_text("task:\n  protocol: release\n")
     _summary(tmp_path / "mnist", "mnist", "hf", False, None)
     table = {(r["task"], r["solver"]): r for r in rows(collect([tmp_path]))}
     assert table["addition_T30", "hf"]["kminibatches_to_success"] == 1.0
+    assert table["addition_T30", "hf"]["runs"] == 2
     assert table["addition_T30", "hf task.protocol=hfrun"]["kminibatches_to_success"] == 6.0
     assert ("mnist", "hf") in table
