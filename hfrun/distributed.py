@@ -84,6 +84,14 @@ class DataParallel:
         dist.all_reduce(reduced)
         return reduced.tolist()
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds in every process (one all-reduce)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item() == 1.0)
+
     def broadcast(self, value):
         """Rank 0's value of a picklable object, on every rank."""
         if not self.active:
@@ -108,9 +116,7 @@ class DataParallel:
             mine = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
             ranks0 = mine.clone()
             dist.broadcast(ranks0, src=0)
-            same = torch.tensor([float(torch.equal(mine, ranks0))], device=mine.device)
-            dist.all_reduce(same, op=dist.ReduceOp.MIN)
-        return bool(same.item() == 1.0)
+        return self.all_true(torch.equal(mine, ranks0))
 
     def shard(self, batch: Batch) -> Batch:
         """This rank's share of a global batch: the cases rank, rank + W, rank + 2W, ..."""
@@ -147,6 +153,17 @@ class ShardedStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether an exception comes from a collective whose peer died or timed out (gloo's and NCCL's errors
+    are torch.distributed.DistError or RuntimeErrors that name the backend or the connection)."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "timed out",
+                                      "Timed out", "Broken pipe"))
 
 
 def launched_world_size() -> int:

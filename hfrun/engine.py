@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from hfrun.allocator import keep_freed_memory, release_free_memory
 from hfrun.checkpoint import OutputError, load_checkpoint, save_checkpoint
 from hfrun.config import check_option_types
-from hfrun.distributed import ShardedStream, from_environment, launched_world_size
+from hfrun.distributed import ShardedStream, from_environment, is_collective_failure, launched_world_size
 from hfrun.errors import HfrunError
 from hfrun.logging import RunLogger, hparams_of, print_summary, record
 from hfrun.summary import write_summary
@@ -290,16 +290,28 @@ def check_resume_matches(saved_yaml: str, cfg: DictConfig, path: Path) -> None:
 
 # ---------------------------------------------------------------- the loop
 
+class Terminated(BaseException):
+    """SIGTERM arrived: a scheduler's time limit, `kill`, or torchrun stopping every process of a
+    data-parallel run because one of them failed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 class StopRequest:
-    """First Ctrl-C asks the loop to stop after the current update and checkpoint; a second one aborts."""
+    """First Ctrl-C asks the loop to stop after the current update and checkpoint; a second one aborts.
+    SIGTERM aborts at once (a scheduler or torchrun sends SIGKILL soon after it), with a summary."""
 
     def __init__(self):
         self.requested = False
         self.previous = None
+        self.previous_term = None
 
     def __enter__(self):
         try:
             self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous_term = signal.signal(signal.SIGTERM, _terminate)
         except ValueError:  # not the main thread: leave signals alone
             self.previous = None
         return self
@@ -313,6 +325,7 @@ class StopRequest:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+            signal.signal(signal.SIGTERM, self.previous_term)
         return False
 
 
@@ -542,16 +555,18 @@ class Run:
                     if status != "diverged":
                         self._save("last")
                     final, status = self._final_progress(status, logger)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Terminated) as error:
                 status = "interrupted"
                 figures = (f"the final figures are those of the evaluation at update {p.eval_update}, not of the "
                            "model the run stopped at" if p.last_eval else "no evaluation had been made")
-                message = (f"Aborted by a second Ctrl-C during update {p.update + 1}; {figures}. "
-                           f"{self._resume_advice()}")
+                cause = ("a second Ctrl-C" if isinstance(error, KeyboardInterrupt) else
+                         "SIGTERM (a scheduler's time limit, a kill, or torchrun stopping every process because "
+                         "one of them failed: see the other processes' messages)")
+                message = f"Aborted by {cause} during update {p.update + 1}; {figures}. {self._resume_advice()}"
             except OutputError as error:
                 status, message = "error", str(error) + " " + self._resume_advice()
             except Exception as error:
-                if self.parallel.active and isinstance(error, RuntimeError):  # a collective failed
+                if self.parallel.active and is_collective_failure(error):
                     message = self._collective_failure(error)
                     self._write_summary(p, "error", message)
                     raise HfrunError(message) from None
@@ -566,9 +581,10 @@ class Run:
         return summary
 
     def _collective_failure(self, error: Exception) -> str:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return (f"Process {self.parallel.rank} of this {self.parallel.world_size}-process data-parallel run stopped "
-                f"during update {self.progress.update + 1}: a collective operation failed ({first_line}). Another "
+                f"during update {self.progress.update + 1}: a collective operation failed ({type(error).__name__}: "
+                f"{first_line}). Another "
                 "process ended, was killed, or did not answer within run.collective_timeout_s="
                 f"{self.cfg.run.get('collective_timeout_s', 600):g} s. Look at the other processes' messages for "
                 f"the cause. {self._resume_advice()}")

@@ -121,6 +121,8 @@ def collect(directories: list[Path], split_by: tuple[str, ...] = ()) -> dict[tup
             summary["_path"] = str(path)
             settings = run_settings(path, split_by)
             protocol = task_protocol(summary, path)
+            if "task.protocol" in settings and settings["task.protocol"] in (None, "?"):
+                settings["task.protocol"] = protocol  # a run from before the option: hfrun's definition
             label = " ".join([str(summary["solver"]), *(f"{k}={v}" for k, v in settings.items() if v is not None),
                               *([f"task.protocol={protocol}"] if protocol not in (None, "release")
                                 and "task.protocol" not in settings else [])])

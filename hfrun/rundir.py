@@ -138,7 +138,8 @@ class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         global _start
         resume = selected(config, "run.resume")
-        if isinstance(resume, str) and resume:
+        if isinstance(resume, str) and resume and int(os.environ.get("RANK", "0")) == 0:
+            # data parallel: rank 0 alone reads the checkpoint and hands it on, so only its disk must hold it
             try:
                 require_checkpoint(Path(resume) / "checkpoints" / "last.pt")
             except HfrunError as error:

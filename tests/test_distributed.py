@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from conftest import HFRUN
 # structural damping, Martens' preconditioner, backtracking and the line search. Sums over cases in another
 # order differ in the last bits, and CG amplifies such differences the longer it runs (8 steps here turned
 # 1e-16 into 1e-6 in the solution, while q agreed to 1e-10), so the comparison runs 3 CG steps per update.
-HF_ADDITION = ["solver=hf", "task=addition_T30", "task.T=10", "model.hidden_size=6", "run.dtype=float64",
+HF_ADDITION = ["solver=hf", "task=addition_T30", "task.T=20", "model.hidden_size=6", "run.dtype=float64",
                "task.eval_sequences=1000", "task.eval_batch_size=250", "task.solver_hints.gradient_batch_size=240",
                "task.solver_hints.chunk_size=80", "task.solver_hints.curvature_batch_size=40",
                "task.solver_hints.cg_max_iters=3", "task.solver_hints.preconditioner=martens",
@@ -102,12 +103,18 @@ def test_hf_on_two_processes_equals_one_and_resumes_at_either_world_size(make_co
     assert len(writers) == 1, "one process, rank 0, wrote the TensorBoard log"
     single_process(make_config, [*HF_ADDITION, "run.max_updates=4"], tmp_path / "one")
     assert_same_run(tmp_path / "two", tmp_path / "one")
-    # resume the 2-process run to update 6, on 2 processes and on 1: both equal 6 updates in one process
+    # resume the 2-process run to update 6, on 1 process and on 2: both equal 6 updates in one process
+    shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
+    single_process(make_config, [*HF_ADDITION, "run.max_updates=6", f"run.resume={tmp_path / 'two_then_one'}"],
+                   tmp_path / "two_then_one")
     resumed = run_processes([*HF_ADDITION, "run.max_updates=6", f"run.resume={tmp_path / 'two'}"],
                             tmp_path / "two")
     assert all(code == 0 for code, _, _ in resumed), resumed
     single_process(make_config, [*HF_ADDITION, "run.max_updates=6"], tmp_path / "one_6")
     assert_same_run(tmp_path / "two", tmp_path / "one_6")
+    expected, got = parameters(tmp_path / "one_6"), parameters(tmp_path / "two_then_one")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("overrides", [SGN_LINREG, pytest.param(BDHF_MLP, marks=pytest.mark.slow),

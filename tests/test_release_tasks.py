@@ -182,16 +182,33 @@ def test_release_stream_resumes_exactly():
 def test_protocol_and_T_are_checked():
     with pytest.raises(ValueError, match="task.protocol must be one of release, hfrun"):
         CLASSES["addition"](name="a", T=30, seed=0, device="cpu", dtype=torch.float32, protocol="paper")
-    with pytest.raises(ValueError, match="T >= 20 under task.protocol=release"):
-        release_task("xor", T=19)
-    with pytest.raises(ValueError, match="T >= 11 under task.protocol=release"):
+    with pytest.raises(ValueError, match=r"no valid layout at T=18.*Every T >= 20 works"):
+        release_task("xor", T=18)  # [f(50), f(55)) = [9, 9)
+    assert release_task("xor", T=19).lengths() == range(9, 10)  # [9, 10): 19 works, though below 20
+    with pytest.raises(ValueError, match=r"no valid layout at T=10.*Every T >= 11 works"):
         release_task("memorization5", T=10)
-    with pytest.raises(ValueError, match="T >= 21 under task.protocol=release"):
+    with pytest.raises(ValueError, match=r"no valid layout at T=20.*Every T >= 21 works"):
         release_task("memorization20", T=20)
-    for stem in CLASSES:  # the smallest T allowed gives well-formed batches
-        task = release_task(stem, T=max(CLASSES[stem].min_T, 21 if "memorization20" == stem else 20))
-        batch = task.train_stream().next(40)
-        assert torch.isfinite(batch.inputs).all() and batch.mask.sum() >= 40
+    with pytest.raises(ValueError, match="no valid layout at T=9"):
+        release_task("addition", T=9)  # [f(1), f(10)) = [0, 0)
+    for stem, task_class in CLASSES.items():  # every T from the smallest guaranteed one gives well-formed batches
+        T = task_class(name="x", T=40, seed=0, device="cpu", dtype=torch.float32, protocol="release").release_min_T
+        for length in (T, T + 1, T + 7):
+            batch = release_task(stem, T=length).train_stream().next(40)
+            assert torch.isfinite(batch.inputs).all() and batch.mask.sum() >= 40
+
+
+def test_held_out_set_holds_every_target_step_with_every_class_and_every_sequence_evenly():
+    task = release_task("temporal_order3", T=100)
+    pairs = set()
+    for batch in task.eval_batches():
+        L = target_steps(batch)
+        pairs |= set(zip(L.tolist(), batch.targets[torch.arange(batch.size), L].tolist()))
+    assert pairs == {(L, label) for L in range(100, 110) for label in range(8)}
+    memorized = torch.cat([batch.inputs.argmax(-1)[:, :5] for batch in release_task("memorization5", T=30)
+                           .eval_batches()])
+    counts = torch.bincount((memorized * torch.tensor([16, 8, 4, 2, 1])).sum(1), minlength=32)
+    assert int(counts.min()) == 2000 // 32 and int(counts.max()) == 2000 // 32 + 1
 
 
 # ---------------------------------------------------------------- variable length through model and curvature
@@ -262,13 +279,14 @@ def test_rnn_without_biases_and_with_a_learned_initial_state_against_a_hand_loop
     torch.testing.assert_close(gradient, reference, rtol=1e-10, atol=1e-12)
 
 
-def test_curvature_of_the_release_rnn_matches_dense_with_structural_damping():
+@pytest.mark.parametrize("impl", ["analytic", "loop"])
+def test_curvature_of_the_release_rnn_matches_dense_with_structural_damping(impl):
     from test_curvature import assert_close_matrices, dense_ggn, operator_matrix, parameter_dict
 
     torch.manual_seed(8)
     task = CLASSES["addition"](name="a", T=10, seed=2, device="cpu", dtype=torch.float64, protocol="release")
     batch = task.train_stream().next(4)
-    model = RNN(2, 1, hidden_size=4, bias=False, initial_state="learned").double()
+    model = RNN(2, 1, hidden_size=4, bias=False, initial_state="learned", impl=impl).double()
     with torch.no_grad():
         model.initial_state.copy_(0.5 * torch.randn(4))
     loss, damping, mu = SquaredError(), 0.4, 0.3

@@ -88,15 +88,18 @@ class BlockDiagonalProduct:
     def __call__(self, p: Tensor) -> Tensor:
         tangents = self.masks * p  # (K, n): block b's part of p, zero elsewhere
         if self.batched:
-            try:
-                # vmap over this rank's products, then one reduction of all K (collectives do not vmap)
-                products = self.curvature.reduce(torch.func.vmap(self.curvature.local)(tangents), tangents)
+            local, failure = None, None
+            try:  # vmap over this process's products; collectives do not vmap, so they come after
+                local = torch.func.vmap(self.curvature.local)(tangents)
+            except (RuntimeError, NotImplementedError) as error:
+                failure = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if self.curvature.parallel.all_true(failure is None):  # every process, or none, falls back
+                products = self.curvature.reduce(local, tangents)  # one reduction of all K
                 self.curvature.products += len(tangents)
                 return (self.masks * products).sum(0)
-            except (RuntimeError, NotImplementedError) as error:
-                log.warning("batched block products failed (%s); running them one block at a time",
-                            str(error).splitlines()[0])
-                self.batched = False
+            log.warning("batched block products failed (%s); running them one block at a time",
+                        failure or "in another process")
+            self.batched = False
         return sum(mask * self.curvature(tangent) for mask, tangent in zip(self.masks, tangents))
 
 

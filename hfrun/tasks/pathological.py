@@ -115,7 +115,8 @@ class PathologicalTask(Task):
     metric_name = "error"
     success_threshold = 0.001
     min_T = 10  # the smallest T for which every window of the "hfrun" definition is non-empty
-    release_min_T = 10  # the same for the "release" definition
+    release_min_T = 10  # "release": every T from here on has a valid layout (release_windows_fit)
+    balance_period = 1  # "release": the b-th sequence's label depends on b mod this (temporal order: classes)
     scored_steps = 1  # "hfrun": the last this many steps are scored
     # "release": target steps L ∈ [f(low), f(high)), a batch array of f(high) steps; None: a fixed length f(100)
     release_lengths_at_100: tuple[int, int] | None = (100, 110)
@@ -128,10 +129,14 @@ class PathologicalTask(Task):
             raise ValueError(f"task.protocol must be one of {', '.join(PROTOCOLS)} (release: the tasks as "
                              f"Sutskever's released code defines them; hfrun: hfrun's earlier definitions), "
                              f"got {protocol!r}")
-        least_T = self.release_min_T if protocol == "release" else self.min_T
-        if not isinstance(T, int) or T < least_T:
-            raise ValueError(f"{type(self).__name__} needs an integer T >= {least_T} under task.protocol="
-                             f"{protocol} (smaller T leaves a marked window empty), got T={T!r}")
+        self.T, self.protocol = T, protocol
+        if protocol == "hfrun" and (not isinstance(T, int) or T < self.min_T):
+            raise ValueError(f"{type(self).__name__} needs an integer T >= {self.min_T} under task.protocol="
+                             f"hfrun (smaller T leaves a marked window empty), got T={T!r}")
+        if protocol == "release" and (not isinstance(T, int) or T < 1 or not self.release_windows_fit()):
+            raise ValueError(f"{type(self).__name__} under task.protocol=release has no valid layout at T={T!r}: "
+                             "its positions scale as f(x) = ⌊x·T/100⌋, and this T leaves a window empty or puts "
+                             f"a cue on a marked position. Every T >= {self.release_min_T} works.")
         if eval_sequences < MIN_HELD_OUT or eval_batch_size < 1:
             raise ValueError(f"task.eval_sequences must be at least {MIN_HELD_OUT} (the success criterion is an "
                              f"error below 0.001 on at least that many held-out sequences) and task.eval_batch_size "
@@ -147,9 +152,15 @@ class PathologicalTask(Task):
     def make_batch(self, batch_size: int, length: int, generator: torch.Generator) -> Batch:
         raise NotImplementedError
 
-    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator) -> Batch:
-        """A batch under the "release" definition; `target_steps` (B,) is each sequence's target step L."""
+    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator,
+                      first: int = 0) -> Batch:
+        """A batch under the "release" definition; `target_steps` (B,) is each sequence's target step L;
+        `first` numbers the batch's first sequence for the balanced labels (0 for a training draw)."""
         raise NotImplementedError
+
+    def release_windows_fit(self) -> bool:
+        """Whether this T gives every window of the "release" definition at least one position."""
+        return len(self.lengths()) > 0
 
     def f(self, bound_at_100: int) -> int:
         """The release's f(x) = ⌊x·T/100⌋."""
@@ -196,9 +207,10 @@ class PathologicalTask(Task):
         """Held-out batch `index`: "hfrun" gives it the index-th length; "release" gives its sequences the
         target steps in turn, continuing from the previous batch."""
         lengths = self.lengths()
-        if self.protocol == "release":
-            turn = torch.arange(first_sequence, first_sequence + size, device=self.device) % len(lengths)
-            return self.release_batch(size, lengths.start + turn, generator)
+        if self.protocol == "release":  # blocks of balance_period sequences (every label once) share a step
+            number = torch.arange(first_sequence, first_sequence + size, device=self.device)
+            turn = (number // self.balance_period) % len(lengths)
+            return self.release_batch(size, lengths.start + turn, generator, first=first_sequence)
         return self.make_batch(size, lengths[index % len(lengths)], generator)
 
     def scored(self, batch: Batch) -> Tensor:
@@ -227,9 +239,10 @@ class PathologicalTask(Task):
         """Integers uniform on [low, high) on the task's device."""
         return torch.randint(low, high, shape, generator=generator, device=self.device)
 
-    def balanced(self, batch_size: int, classes: int) -> Tensor:
-        """(B,) the release's balanced labels: the b-th sequence of a batch gets b mod classes."""
-        return torch.arange(batch_size, device=self.device) % classes
+    def balanced(self, batch_size: int, classes: int, first: int = 0) -> Tensor:
+        """(B,) the release's balanced labels: the b-th sequence of a batch gets b mod classes (numbered
+        from `first`)."""
+        return torch.arange(first, first + batch_size, device=self.device) % classes
 
 
 class MarkedPairTask(PathologicalTask):
@@ -252,6 +265,12 @@ class MarkedPairTask(PathologicalTask):
     release_windows_at_100 = ((1, 10), (10, 50))  # the operands' positions [low, high), at T = 100
     PREDICTION_CUE = 3  # the marker is −1 this many steps before the target step
 
+    def release_windows_fit(self) -> bool:
+        """Both operand windows and the target steps non-empty, the cue after the second operand."""
+        windows = [(self.f(low), self.f(high)) for low, high in self.release_windows_at_100]
+        return (len(self.lengths()) > 0 and all(low < high for low, high in windows)
+                and self.lengths().start - self.PREDICTION_CUE >= windows[1][1])
+
     def sample_values(self, batch_size: int, length: int, generator: torch.Generator) -> Tensor:
         raise NotImplementedError
 
@@ -269,7 +288,8 @@ class MarkedPairTask(PathologicalTask):
         return Batch(torch.stack([values, markers], dim=-1), targets,
                      last_step_mask(batch_size, length, self.dtype, self.device))
 
-    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator) -> Batch:
+    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator,
+                      first: int = 0) -> Batch:
         steps = self.release_steps()
         values = self.sample_values(batch_size, steps, generator)
         (first_low, first_high), (second_low, second_high) = self.release_windows_at_100
@@ -315,7 +335,7 @@ class Xor(MarkedPairTask):
     # "release": half the nominal length, L ∈ [f(50), f(55)), and the second operand in [f(15), f(25))
     release_lengths_at_100 = (50, 55)
     release_windows_at_100 = ((1, 10), (15, 25))
-    release_min_T = 20  # below it [f(50), f(55)) is empty
+    release_min_T = 20  # [f(50), f(55)) is non-empty for every T >= 20 (and for some smaller T, e.g. 19)
 
     def sample_values(self, batch_size: int, length: int, generator: torch.Generator) -> Tensor:
         return self.randint(0, 2, (batch_size, length), generator).to(self.dtype)
@@ -348,6 +368,17 @@ class TemporalOrder(PathologicalTask):
     windows_at_100: tuple[tuple[int, int], ...] = ((10, 20), (50, 60))
     release_windows_at_100: tuple[tuple[int, int], ...] = ((1, 10), (40, 50))
     release_cue_before_target = 1  # B this many steps before the target step
+
+    @property
+    def balance_period(self) -> int:
+        return self.output_size
+
+    def release_windows_fit(self) -> bool:
+        """The closed windows in order without overlap, and B after the last of them."""
+        windows = [(self.f(low), self.f(high)) for low, high in self.release_windows_at_100]
+        ordered = all(earlier[1] < later[0] for earlier, later in zip(windows, windows[1:]))
+        return (len(self.lengths()) > 0 and ordered
+                and self.lengths().start - self.release_cue_before_target > windows[-1][1])
     input_size, output_size = 8, 2 ** len(windows_at_100)
     loss = SoftmaxCrossEntropy()
     step_correct = staticmethod(argmax_correct)
@@ -367,13 +398,14 @@ class TemporalOrder(PathologicalTask):
         return Batch(one_hot(symbols, self.input_size, self.dtype), targets,
                      last_step_mask(batch_size, length, self.dtype, self.device))
 
-    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator) -> Batch:
+    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator,
+                      first: int = 0) -> Batch:
         steps = self.release_steps()
         symbols = self.randint(0, self.DISTRACTORS, (batch_size, steps), generator)
         target_at = target_steps.view(batch_size, 1)
         symbols.scatter_(1, target_at - self.release_cue_before_target, self.END)
         symbols[:, 0] = self.START
-        classes = self.balanced(batch_size, self.output_size)
+        classes = self.balanced(batch_size, self.output_size, first)
         windows = self.release_windows_at_100
         for index, (low, high) in enumerate(windows):
             position = self.randint(self.f(low), self.f(high) + 1, (batch_size, 1), generator)
@@ -431,9 +463,13 @@ class RandomPermutation(PathologicalTask):
         mask = torch.ones(batch_size, length, dtype=self.dtype, device=self.device)
         return Batch(one_hot(symbols[:, :-1], self.SYMBOLS, self.dtype), symbols[:, 1:], mask)
 
-    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator) -> Batch:
+    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator,
+                      first: int = 0) -> Batch:
         return self.make_batch(batch_size, self.release_steps(), generator,
-                               first=self.balanced(batch_size, 2).unsqueeze(1))
+                               first=self.balanced(batch_size, 2, first).unsqueeze(1))
+
+    def release_windows_fit(self) -> bool:
+        return self.f(100) >= 2
 
 
 class NoiselessMemorization(PathologicalTask):
@@ -482,18 +518,22 @@ class NoiselessMemorization(PathologicalTask):
 
     @property
     def release_min_T(self) -> int:
-        return 2 * self.memory_length + 1  # the go cue must fall after the data
+        return 2 * self.memory_length + 1
+
+    def release_windows_fit(self) -> bool:
+        return self.T >= 2 * self.memory_length + 1  # the go cue after the data, the answer after the cue
 
     @property
     def published_minibatch(self) -> int:
         every_sequence = self.symbol_values ** self.memory_length
         return every_sequence if self.protocol == "release" and every_sequence < 1000 else 1000
 
-    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator) -> Batch:
+    def release_batch(self, batch_size: int, target_steps: Tensor, generator: torch.Generator,
+                      first: int = 0) -> Batch:
         every_sequence = self.symbol_values ** self.memory_length
         if batch_size < every_sequence:
             return self.make_batch(batch_size, self.release_steps(), generator)
-        index = self.balanced(batch_size, every_sequence).unsqueeze(1)
+        index = self.balanced(batch_size, every_sequence, first).unsqueeze(1)
         place = self.symbol_values ** torch.arange(self.memory_length - 1, -1, -1, device=self.device)
         return self.make_batch(batch_size, self.release_steps(), generator, data=index // place % self.symbol_values)
 
