@@ -38,6 +38,9 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
+register_resolvers()  # on import: every reader of a run's saved config (resume, hfrun.evaluate, the report) needs them
+
+
 # ---------------------------------------------------------------- option types
 
 # What a value of each checked type looks like on the command line, for the message.

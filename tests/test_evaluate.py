@@ -78,3 +78,17 @@ def test_bad_set_values_are_refused_with_a_reason(make_config, tmp_path, overrid
     Run(make_config(*ADAM_LINREG), tmp_path).train()
     with pytest.raises(HfrunError, match=re.escape(fragment)):
         evaluate_run(tmp_path, overrides=(override,))
+
+
+def test_the_command_reads_a_run_whose_config_uses_hfrun_resolvers(make_config, tmp_path):
+    """5-bit memorization's solver hints depend on task.protocol through hfrun's own resolver: a fresh process
+    running `python -m hfrun.evaluate` must know it, as the run did."""
+    import subprocess
+    import sys
+
+    Run(make_config("solver=sgd", "task=memorization5_T30", "task.T=12", "model.hidden_size=8", "run.max_updates=1",
+                    "run.device=cpu"), tmp_path).train()
+    result = subprocess.run([sys.executable, "-m", "hfrun.evaluate", str(tmp_path), "--set", "task.eval_seed=3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "memorization5_T12" in result.stdout
