@@ -495,6 +495,25 @@ def test_a_damaged_checkpoint_is_refused(make_config, tmp_path, damage):
         Run(make_config(*FAST, f"run.resume={tmp_path}"), tmp_path)
 
 
+def test_sigterm_stops_at_once_with_a_summary(make_config, tmp_path):
+    """A scheduler's time limit, `kill`, or torchrun stopping the processes of a data-parallel run."""
+    run = Run(make_config(*FAST), tmp_path)
+    step = run.solver.step
+
+    def step_and_terminate(stream):
+        stats = step(stream)
+        if run.progress.update + 1 == 33:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stats
+
+    run.solver.step = step_and_terminate
+    previous = signal.getsignal(signal.SIGTERM)
+    summary = run.train()
+    assert summary["status"] == "interrupted" and summary["updates"] == 32
+    assert "Aborted by SIGTERM" in summary["message"] and "run.resume=" in summary["message"]
+    assert signal.getsignal(signal.SIGTERM) is previous, "the handler is put back after the run"
+
+
 def test_a_second_ctrl_c_says_what_was_saved(make_config, tmp_path):
     run = Run(make_config(*FAST), tmp_path)
     step = run.solver.step
