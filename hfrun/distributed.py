@@ -1,7 +1,8 @@
 """Data parallelism on torch.distributed: the same run as one process, its batches spread over W processes.
 
 Launch with PyTorch's own launcher, `torchrun --nproc_per_node=W -m hfrun.cli ...` (gloo on the CPU, NCCL on
-GPUs, one process per GPU); `from_environment` joins the process group torchrun describes in the environment
+GPUs, one process per GPU), or as a job of Hydra's submitit launcher with several tasks
+(`adopt_submitit_environment`); `from_environment` joins the process group described in the environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without it, `SINGLE` stands for one process and
 every operation below is the identity.
 
@@ -164,6 +165,23 @@ def is_collective_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(
         marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "timed out",
                                       "Timed out", "Broken pipe"))
+
+
+def adopt_submitit_environment() -> None:
+    """Inside a job of Hydra's submitit launcher with several tasks (hydra.launcher.tasks_per_node, nodes), set
+    the variables torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR, ...) from submitit's job environment, so
+    that the job's tasks form one data-parallel run. Nothing happens outside such a job or under torchrun."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    try:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks <= 1:
+            return
+    except Exception:  # not in a submitit job (JobEnvironment cannot tell which cluster it runs on)
+        return
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # LOCAL_RANK picks the GPU
 
 
 def launched_world_size() -> int:

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from hfrun.allocator import keep_freed_memory, release_free_memory
 from hfrun.checkpoint import OutputError, load_checkpoint, save_checkpoint
 from hfrun.config import check_option_types
-from hfrun.distributed import ShardedStream, from_environment, is_collective_failure, launched_world_size
+from hfrun.distributed import (ShardedStream, adopt_submitit_environment, from_environment,
+                               is_collective_failure, launched_world_size)
 from hfrun.errors import HfrunError
 from hfrun.logging import RunLogger, hparams_of, print_summary, record
 from hfrun.summary import write_summary
@@ -376,6 +377,7 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         validate_run_config(cfg)
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        adopt_submitit_environment()  # a submitit job of several tasks is one data-parallel run
         self.device = resolve_device(cfg.run.device)
         self.dtype = DTYPES[cfg.run.dtype]
         if self.device.type == "cpu":

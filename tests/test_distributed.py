@@ -192,3 +192,16 @@ def test_a_sweep_is_refused_under_torchrun(tmp_path):
     result = subprocess.run([str(HFRUN), "-m", "solver=adam", "task=linreg"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "A sweep (-m) cannot run under torchrun" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_submitit_job_of_two_tasks_is_one_data_parallel_run(make_config, tmp_path):
+    """Hydra's submitit launcher (here its local executor) with tasks_per_node=2: the job's two tasks form one
+    run, as on a SLURM allocation of several tasks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run([str(HFRUN), "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                             *SGN_LINREG, "run.max_updates=3", "run.threads=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    single_process(make_config, [*SGN_LINREG, "run.max_updates=3"], tmp_path / "one")
+    assert_same_run(tmp_path / "sweep" / "0", tmp_path / "one")
