@@ -361,7 +361,9 @@ class TemporalOrder(PathologicalTask):
     [f(30), f(40)], [f(50), f(60)]), the first of which may replace E at T < 100
     as in the release. The b-th sequence of a batch has class b mod classes, so
     the classes are balanced; distractors fill every other step of the
-    f(110)-step array, and the class is the target at step L.
+    f(110)-step array, and the class is the target at step L. (The release
+    numbers the classes in another bit order, a relabelling of the output
+    units that changes nothing.)
     """
 
     DISTRACTORS, X, START, END = 4, 4, 6, 7  # a..d = 0..3, X = 4, Y = 5, E = 6, B = 7
