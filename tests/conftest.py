@@ -29,11 +29,13 @@ def make_config():
 
 @pytest.fixture(autouse=True)
 def _restore_torch_globals():
-    """The engine sets flush-to-zero and seeds; keep tests independent of each other."""
-    state = torch.get_rng_state()
+    """The engine sets flush-to-zero, seeds and (run.threads) the thread count; keep tests independent of each
+    other (a thread count left behind changes the rounding of later runs, and so their trajectories)."""
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
     yield
     torch.set_rng_state(state)
     torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
 
 
 def run_hfrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
