@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from hfrun.checkpoint import require_checkpoint
+from hfrun.distributed import launched_rank
 from hfrun.errors import HfrunError
 from hfrun.logging import console, print_error
 from hfrun.summary import read_summary
@@ -138,7 +139,7 @@ class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         global _start
         resume = selected(config, "run.resume")
-        if isinstance(resume, str) and resume and int(os.environ.get("RANK", "0")) == 0:
+        if isinstance(resume, str) and resume and launched_rank() == 0:
             # data parallel: rank 0 alone reads the checkpoint and hands it on, so only its disk must hold it
             try:
                 require_checkpoint(Path(resume) / "checkpoints" / "last.pt")

@@ -37,14 +37,15 @@ def test_run_directory_and_summary(make_config, tmp_path):
     assert not list(tmp_path.rglob("*.tmp")), "a temporary checkpoint file was left behind"
 
 
-def _interrupt_at(run: Run, update: int) -> None:
-    """Deliver a real SIGINT in the middle of the given update, as Ctrl-C would."""
+def _interrupt_at(run: Run, update: int, signals: tuple = (signal.SIGINT,)) -> None:
+    """Deliver real signals (a SIGINT by default, as Ctrl-C would) in the middle of the given update."""
     step = run.solver.step
 
     def step_and_interrupt(stream):
         stats = step(stream)
         if run.progress.update + 1 == update:
-            os.kill(os.getpid(), signal.SIGINT)
+            for signum in signals:
+                os.kill(os.getpid(), signum)
         return stats
 
     run.solver.step = step_and_interrupt
@@ -498,15 +499,7 @@ def test_a_damaged_checkpoint_is_refused(make_config, tmp_path, damage):
 def test_sigterm_stops_at_once_with_a_summary(make_config, tmp_path):
     """A scheduler's time limit, `kill`, or torchrun stopping the processes of a data-parallel run."""
     run = Run(make_config(*FAST), tmp_path)
-    step = run.solver.step
-
-    def step_and_terminate(stream):
-        stats = step(stream)
-        if run.progress.update + 1 == 33:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return stats
-
-    run.solver.step = step_and_terminate
+    _interrupt_at(run, 33, (signal.SIGTERM,))
     previous = signal.getsignal(signal.SIGTERM)
     summary = run.train()
     assert summary["status"] == "interrupted" and summary["updates"] == 32
@@ -516,16 +509,7 @@ def test_sigterm_stops_at_once_with_a_summary(make_config, tmp_path):
 
 def test_a_second_ctrl_c_says_what_was_saved(make_config, tmp_path):
     run = Run(make_config(*FAST), tmp_path)
-    step = run.solver.step
-
-    def step_and_interrupt_twice(stream):
-        stats = step(stream)
-        if run.progress.update + 1 == 33:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)  # the second aborts at once
-        return stats
-
-    run.solver.step = step_and_interrupt_twice
+    _interrupt_at(run, 33, (signal.SIGINT, signal.SIGINT))  # the second aborts at once
     summary = run.train()
     assert summary["status"] == "interrupted" and summary["updates"] == 32
     assert "Aborted by a second Ctrl-C during update 33" in summary["message"]
