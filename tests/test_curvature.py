@@ -169,6 +169,44 @@ def test_reference_recurrence_matches_the_model():
     torch.testing.assert_close(a, a_ref)
 
 
+@pytest.mark.parametrize("steps", [1, STEPS])
+@pytest.mark.parametrize("bias, initial_state", [(True, "zero"), (False, "learned")])
+def test_analytic_rnn_forward_without_graph_matches_the_loop(steps, bias, initial_state):
+    """The analytic RNN's outputs under no_grad (a step-by-step loop that keeps no h: line searches, evaluation)
+    and with a graph (the hand-written recurrence) equal those of model.impl=loop, a plain autograd loop."""
+    torch.manual_seed(4)
+    analytic = RNN(INPUTS, OUTPUTS, hidden_size=HIDDEN, bias=bias, initial_state=initial_state).double()
+    with torch.no_grad():
+        for parameter in analytic.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    loop = RNN(INPUTS, OUTPUTS, hidden_size=HIDDEN, bias=bias, initial_state=initial_state, impl="loop").double()
+    loop.load_state_dict(analytic.state_dict())
+    inputs = torch.randn(CASES, steps, INPUTS, dtype=torch.float64)
+    with torch.no_grad():
+        without_graph = analytic(inputs)
+    with_graph = analytic(inputs)
+    assert with_graph.requires_grad and not without_graph.requires_grad
+    torch.testing.assert_close(without_graph, loop(inputs).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(with_graph.detach(), without_graph, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("jv_method", ["traced", "jvp"])
+def test_analytic_rnn_one_step_damped_product_and_gradient_match_dense(jv_method):
+    """Sequences of one step: the recurrence's rules have no h_{t−1} term at all (no recurrent matmul)."""
+    torch.manual_seed(13)
+    model, batch = analytic_rnn_problem("mse")
+    batch = Batch(batch.inputs[:, :1], batch.targets[:, :1], torch.ones(CASES, 1, dtype=torch.float64))
+    loss, damping, mu = LOSSES["mse"], 0.5, 0.3
+    operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu, jv_method=jv_method)
+    identity = torch.eye(operator.num_params, dtype=torch.float64)
+    expected = dense_ggn(model, loss, batch) + damping * identity + mu * damping * dense_structural_ggn(model, batch)
+    assert_close_matrices(operator_matrix(operator), expected)
+    gradient = torch.autograd.grad(loss(model(batch.inputs), batch.targets, batch.mask), list(model.parameters()))
+    reference = torch.func.grad(lambda flat: loss(rnn_by_hand(model, flat, batch.inputs)[0], batch.targets,
+                                                   batch.mask))(flat_parameters(model))
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in gradient]), reference, rtol=1e-10, atol=1e-12)
+
+
 def test_param_spec_round_trip_uses_views():
     model = tiny_mlp().double()
     spec = ParamSpec.from_module(model)

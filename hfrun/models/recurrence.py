@@ -24,27 +24,22 @@ import torch
 from torch import Tensor
 
 
-def _previous(hidden: Tensor) -> Tensor:
-    """h_{t−1} for every t, (L, B, H), with h_0 = 0."""
-    return torch.cat([torch.zeros_like(hidden[:1]), hidden[:-1]], dim=0)
-
-
 class TanhRecurrence(torch.autograd.Function):
     """Time-major throughout, (L, B, H): every step reads and writes contiguous (B, H) blocks (strided
-    per-step slices of a batch-major tensor made each step's matmul about 1.7× slower)."""
+    per-step slices of a batch-major tensor made each step's matmul about 1.7× slower). Each step is one
+    matmul (with the additive term folded into addmm) and one fused elementwise op (tanh, or
+    tanh_backward: x ⊙ (1 − h²)), so no (L, B, H) slope or shifted copy of h is ever built."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(drive: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         weight_t = weight.t()
-        hidden = drive.new_zeros(drive.shape[1:])
-        hiddens, preactivations = [], []
-        for drive_t in drive.unbind(0):
-            preactivation = torch.addmm(drive_t, hidden, weight_t)
-            hidden = torch.tanh(preactivation)
-            preactivations.append(preactivation)
-            hiddens.append(hidden)
+        preactivations = [drive[0]]  # h_0 = 0: a_1 is the drive itself
+        hiddens = [torch.tanh(drive[0])]
+        for drive_t in drive[1:].unbind(0):
+            preactivations.append(torch.addmm(drive_t, hiddens[-1], weight_t))
+            hiddens.append(torch.tanh(preactivations[-1]))
         return torch.stack(hiddens), torch.stack(preactivations)
 
     @staticmethod
@@ -57,38 +52,43 @@ class TanhRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, hidden_cotangent: Tensor | None, preactivation_cotangent: Tensor | None):
         weight, hidden = ctx.saved_tensors
-        slope = 1 - hidden * hidden
-        hidden_cotangent = torch.zeros_like(hidden) if hidden_cotangent is None else hidden_cotangent.contiguous()
-        carry = torch.zeros_like(hidden[0])
+        if hidden_cotangent is None:
+            hidden_cotangent = torch.zeros_like(hidden)
         deltas = []
         for t in range(hidden.shape[0] - 1, -1, -1):
-            delta = (hidden_cotangent[t] + carry) * slope[t]
+            carried = hidden_cotangent[t] if not deltas else torch.addmm(hidden_cotangent[t], deltas[-1], weight)
+            delta = torch.ops.aten.tanh_backward(carried, hidden[t])
             if preactivation_cotangent is not None:
                 delta = delta + preactivation_cotangent[t]
             deltas.append(delta)
-            carry = delta @ weight
         delta = torch.stack(deltas[::-1])
         if not ctx.needs_input_grad[1]:  # a frozen W: skip its (H, B·L) × (B·L, H) product
             return delta, None
         size = hidden.shape[-1]  # reshape, not flatten: flatten has no batching rule for batched grads
-        weight_gradient = delta.reshape(-1, size).t() @ _previous(hidden).reshape(-1, size)
+        earlier_cases = (hidden.shape[0] - 1) * hidden.shape[1]  # explicit: reshape(-1, H) of an empty tensor fails
+        # Σ_t δ_t h_{t−1}ᵀ over t ≥ 2 (h_0 = 0 adds nothing), without a shifted copy of h
+        weight_gradient = delta[1:].reshape(earlier_cases, size).t() @ hidden[:-1].reshape(earlier_cases, size)
         return delta, weight_gradient
 
     @staticmethod
     def jvp(ctx, drive_tangent: Tensor | None, weight_tangent: Tensor | None) -> tuple[Tensor, Tensor]:
         weight, hidden = ctx.saved_tensors
-        slope = 1 - hidden * hidden
-        base = torch.zeros_like(hidden) if drive_tangent is None else drive_tangent.contiguous()
-        if weight_tangent is not None:
-            base = base + _previous(hidden) @ weight_tangent.t()
+        steps, size = hidden.shape[0], hidden.shape[-1]
+        earlier_cases = (steps - 1) * hidden.shape[1]  # explicit: reshape(-1, H) of an empty tensor fails
+        if drive_tangent is None:
+            drive_tangent = torch.zeros_like(hidden)
+        if weight_tangent is not None:  # ḋ_t + Ẇ h_{t−1} for t ≥ 2, one matmul over all steps
+            later = torch.addmm(drive_tangent[1:].reshape(earlier_cases, size),
+                                hidden[:-1].reshape(earlier_cases, size), weight_tangent.t())
+            later = later.reshape(drive_tangent[1:].shape)
+        else:
+            later = drive_tangent[1:]
         weight_t = weight.t()
-        hidden_tangent = torch.zeros_like(hidden[0])
-        hidden_tangents, preactivation_tangents = [], []
-        for t in range(hidden.shape[0]):
-            preactivation_tangent = torch.addmm(base[t], hidden_tangent, weight_t)
-            hidden_tangent = preactivation_tangent * slope[t]
-            preactivation_tangents.append(preactivation_tangent)
-            hidden_tangents.append(hidden_tangent)
+        preactivation_tangents = [drive_tangent[0]]
+        hidden_tangents = [torch.ops.aten.tanh_backward(drive_tangent[0], hidden[0])]
+        for t in range(1, steps):
+            preactivation_tangents.append(torch.addmm(later[t - 1], hidden_tangents[-1], weight_t))
+            hidden_tangents.append(torch.ops.aten.tanh_backward(preactivation_tangents[-1], hidden[t]))
         return torch.stack(hidden_tangents), torch.stack(preactivation_tangents)
 
 
