@@ -432,25 +432,31 @@ def sgn_table(device: torch.device, scale: float, repeats: int) -> None:
 
 
 def bdhf_table(device: torch.device, scale: float, repeats: int) -> list[dict]:
-    """One all-blocks product of block-diagonal HF (one block per layer) against one full GGN product, with
-    the blocks' tangents batched through vmap and one block at a time (a CG iteration is one product)."""
+    """One all-blocks product of block-diagonal HF (one block per layer) against one full GGN product: with
+    the blocks' tangents batched through vmap, one block at a time, and cut (one operator per block that
+    differentiates only the block's parameters, `cut_products`). A CG iteration is one such product."""
     from hfrun.solvers.bdhf import BlockDiagonalHF, BlockDiagonalProduct
     from hfrun.solvers.second_order import ChunkedCurvature
 
     cases = max(2, int(1000 * scale))
+    steps = 100 if scale >= 0.1 else 5  # smoke tests: a short recurrence traces in a fraction of the time
     images = torch.rand(cases, 784, device=device)
     problems = [("autoencoder 784-…-30-…-784, B1000", Autoencoder(784).to(device), SigmoidCrossEntropy(),
                  Batch(images, images)),
                 ("SGN MLP 784-20-20-20-10, B1000", MLP(784, 10, [20, 20, 20], activation="sigmoid").to(device),
-                 SoftmaxCrossEntropy(), Batch(images, torch.randint(0, 10, (cases,), device=device)))]
+                 SoftmaxCrossEntropy(), Batch(images, torch.randint(0, 10, (cases,), device=device))),
+                (f"tanh RNN-100 T{steps} B1000, analytic", RNN(2, 1).to(device), SquaredError(),
+                 Batch(torch.randn(cases, steps, 2, device=device), torch.randn(cases, steps, 1, device=device)))]
     rows = []
     for name, model, loss, batch in problems:
         solver = BlockDiagonalHF(model, loss, gradient_batch_size=cases)
         curvature = ChunkedCurvature(model, loss, [batch], damping=1.0)
         batched = BlockDiagonalProduct(curvature, solver.masks, batched=True)
         looped = BlockDiagonalProduct(curvature, solver.masks, batched=False)
+        cut = BlockDiagonalHF(model, loss, gradient_batch_size=cases, cut_products=True)._damped_curvature([batch])
         v = torch.randn(len(solver.block_index), device=device)
-        works = {"full_ms": lambda: curvature(v), "batched_ms": lambda: batched(v), "looped_ms": lambda: looped(v)}
+        works = {"full_ms": lambda: curvature(v), "batched_ms": lambda: batched(v), "looped_ms": lambda: looped(v),
+                 "cut_ms": lambda: cut(v)}
         for work in works.values():
             work()  # warm-up
         times: dict[str, list[float]] = {key: [] for key in works}
@@ -460,8 +466,9 @@ def bdhf_table(device: torch.device, scale: float, repeats: int) -> list[dict]:
         row = {"workload": name, "blocks": solver.num_blocks, **{key: statistics.median(t) for key, t in times.items()}}
         row["batched/full"] = row["batched_ms"] / row["full_ms"]
         row["looped/full"] = row["looped_ms"] / row["full_ms"]
+        row["cut/full"] = row["cut_ms"] / row["full_ms"]
         rows.append(row)
-    columns = ["blocks", "full_ms", "batched_ms", "looped_ms", "batched/full", "looped/full"]
+    columns = ["blocks", "full_ms", "batched_ms", "looped_ms", "cut_ms", "batched/full", "looped/full", "cut/full"]
     print_table("BDHF: one all-blocks curvature product (one per layer) against one full GGN product",
                 ["workload", *columns],
                 [[row["workload"], *(str(row[c]) if c == "blocks" else f"{row[c]:.2f}" if "/" in c

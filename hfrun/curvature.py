@@ -111,6 +111,20 @@ def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _split_block(params: dict[str, Tensor], block: Iterable[str] | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the block's parameters, the others), each in model order; every parameter is in the block when
+    `block` is None."""
+    if block is None:
+        return params, {}
+    names = set(block)
+    unknown = sorted(names - set(params))
+    if unknown or not names:
+        raise ValueError(f"block={sorted(names)} must name some of the model's trainable parameters; "
+                         f"{unknown or 'none'} are not among {list(params)}")
+    return ({name: p for name, p in params.items() if name in names},
+            {name: p for name, p in params.items() if name not in names})
+
+
 @contextlib.contextmanager
 def _fused_kernels_off():
     """Native kernels instead of oneDNN/cuDNN ones, which lack forward-mode AD (e.g. the LSTM)."""
@@ -159,12 +173,19 @@ class CurvatureOperator:
     primal work is done once here: outputs, the vjp closure, the loss-Hessian
     factors. `damping` (λ) may be changed between products; `structural_damping`
     (μ) is fixed, and 0 when the model has no `forward_with_preactivations`.
+    `block`, a list of trainable parameter names, restricts the operator to
+    those parameters: v and the product are in their coordinates (model
+    order), P_b (C + λI + μλ·G_S) P_b, the other parameters held as constants.
+    Only the block's part of the graph is then differentiated: the tangent pass
+    starts where the block's parameters enter, and the backward pass stops there
+    (block-diagonal HF's per-block products).
     `jv_method` (hfrun.curvature.JV_METHODS, see the module docstring) picks how products are computed;
     `jv_method_used` says which one the products use after any fallback.
     """
 
     def __init__(self, model: nn.Module, loss: Callable, batch: Batch, damping: float = 0.0,
-                 structural_damping: float = 0.0, curvature: str = "ggn", jv_method: str = "auto"):
+                 structural_damping: float = 0.0, curvature: str = "ggn", jv_method: str = "auto",
+                 block: Iterable[str] | None = None):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature={curvature!r} is unknown; choose one of {list(CURVATURES)}")
         if jv_method not in JV_METHODS:
@@ -174,7 +195,7 @@ class CurvatureOperator:
         self.model, self.loss, self.batch = model, loss, batch
         self.curvature, self.jv_method = curvature, jv_method
         self.damping = float(damping)
-        self.params = trainable_parameters(model)
+        self.params, self._frozen = _split_block(trainable_parameters(model), block)
         self.spec = ParamSpec(self.params)
         self.num_params = self.spec.num_params
         self._structural_damping = self._effective_structural_damping(model, float(structural_damping))
@@ -204,10 +225,13 @@ class CurvatureOperator:
         return mu
 
     def _forward(self, params: dict[str, Tensor], inputs: Tensor | None = None,
-                 buffers: Mapping[str, Tensor] = {}) -> tuple[Tensor, ...]:  # noqa: B006 - never mutated
-        """(z,) or, with structural damping, (z, a), at `params` (and `buffers`, else the model's own) on
-        `inputs` (else the batch's)."""
-        named = {self._param_prefix + name: tensor for name, tensor in {**params, **buffers}.items()}
+                 buffers: Mapping[str, Tensor] = {},  # noqa: B006 - never mutated
+                 frozen: Mapping[str, Tensor] | None = None) -> tuple[Tensor, ...]:
+        """(z,) or, with structural damping, (z, a), at `params` (and `buffers`, else the model's own; the
+        parameters outside the block at `frozen`, else their values at construction) on `inputs` (else
+        the batch's)."""
+        constants = self._frozen if frozen is None else frozen
+        named = {self._param_prefix + name: tensor for name, tensor in {**constants, **params, **buffers}.items()}
         outputs = functional_call(self._forward_module, named, (self.batch.inputs if inputs is None else inputs,))
         return tuple(outputs) if self._structural_damping > 0 else (outputs,)
 
@@ -249,9 +273,10 @@ class CurvatureOperator:
     # ---- jv_method "auto", "traced" and "compiled" (hfrun/traced.py) ----
 
     def _fixed_inputs(self) -> list[Tensor]:
-        """The traced product's fixed inputs: parameters, buffers, inputs, targets and the mask if any."""
+        """The traced product's fixed inputs: parameters (the block's, then the others), buffers, inputs,
+        targets and the mask if any."""
         batch = self.batch
-        return [*self.params.values(), *self._buffers.values(), batch.inputs, batch.targets,
+        return [*self.params.values(), *self._frozen.values(), *self._buffers.values(), batch.inputs, batch.targets,
                 *(() if batch.mask is None else (batch.mask,))]
 
     def _trace_key(self, fixed: list[Tensor]) -> tuple:
@@ -259,7 +284,8 @@ class CurvatureOperator:
         loss_settings = tuple(sorted((name, repr(value)) for name, value in vars(self.loss).items()))
         return (type(self.loss), loss_settings, self.curvature, self.jv_method == "compiled",
                 self._structural_damping > 0, self._context is _fused_kernels_off,
-                tuple(module.training for module in self.model.modules()), self.spec.names, tuple(self._buffers),
+                tuple(module.training for module in self.model.modules()), self.spec.names, tuple(self._frozen),
+                tuple(self._buffers),
                 self.batch.mask is None, tensor_key(fixed))
 
     def _prepare_traced(self) -> tuple[TracedProduct, tuple[Tensor, ...]] | None:
@@ -323,22 +349,23 @@ class CurvatureOperator:
 
     def _traceable_product(self) -> Callable[..., tuple[Tensor, Tensor]]:
         """(*fixed, *tangents, μλ) ↦ (the undamped product C v + μλ·G_S v, flat; the batch loss)."""
-        names, buffer_names = self.spec.names, tuple(self._buffers)
-        num_params, num_buffers = len(names), len(buffer_names)
+        names, frozen_names, buffer_names = self.spec.names, tuple(self._frozen), tuple(self._buffers)
+        num_params, num_buffers = len(names) + len(frozen_names), len(buffer_names)
         has_mask, structural, curvature = self.batch.mask is not None, self._structural_damping > 0, self.curvature
         loss, spec = self.loss, self.spec
 
         def product(*flat: Tensor) -> tuple[Tensor, Tensor]:
-            params = dict(zip(names, flat[:num_params]))
+            params = dict(zip(names, flat[:len(names)]))
+            frozen = dict(zip(frozen_names, flat[len(names):num_params]))
             buffers = dict(zip(buffer_names, flat[num_params:num_params + num_buffers]))
             rest = flat[num_params + num_buffers:]
             inputs, targets = rest[0], rest[1]
             mask = rest[2] if has_mask else None
-            tangents = dict(zip(names, rest[2 + has_mask:2 + has_mask + num_params]))
+            tangents = dict(zip(names, rest[2 + has_mask:2 + has_mask + len(names)]))
             structural_scale = rest[-1]
 
             def forward(params):
-                return self._forward(params, inputs, buffers)
+                return self._forward(params, inputs, buffers, frozen)
 
             def batch_loss(params):
                 outputs = forward(params)
@@ -384,7 +411,7 @@ class CurvatureOperator:
         damping = 1.0
         reference = CurvatureOperator(self.model, self.loss, self.batch, damping=damping,
                                       structural_damping=self._structural_damping, curvature=self.curvature,
-                                      jv_method="jvp")
+                                      jv_method="jvp", block=self.spec.names if self._frozen else None)
         for probe, call in ((u, "first"), (w, "second"), (u, "third")):
             got = self._traced_product(traced, cached, probe, damping)
             want = reference.mv(probe).sub_(probe, alpha=damping)

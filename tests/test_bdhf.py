@@ -12,7 +12,8 @@ from torch import nn
 from hfrun.losses import SoftmaxCrossEntropy, SquaredError
 from hfrun.models.lstm import LSTM
 from hfrun.models.mlp import MLP
-from hfrun.solvers.bdhf import BlockDiagonalHF, BlockDiagonalProduct, layer_of, partition_parameters
+from hfrun.models.rnn import RNN
+from hfrun.solvers.bdhf import BlockCurvatures, BlockDiagonalHF, BlockDiagonalProduct, layer_of, partition_parameters
 from hfrun.solvers.cg import blockwise_conjugate_gradient
 from hfrun.solvers.hf import HessianFree
 from hfrun.solvers.second_order import ChunkedCurvature
@@ -45,6 +46,49 @@ def test_block_diagonal_product_is_the_dense_ggn_with_off_block_entries_zeroed(m
     assert_close_matrices(actual, expected)
     assert product.batched == batched  # vmap over the curvature operator works on this model
     assert curvature.products == len(identity) * solver.num_blocks  # K products per block-diagonal product
+
+
+@pytest.mark.parametrize("jv_method", ["traced", "jvp"])
+@pytest.mark.parametrize("mode, patterns", PARTITIONS)
+def test_cut_block_products_are_the_dense_ggn_with_off_block_entries_zeroed(mode, patterns, jv_method):
+    """cut_products: one operator per block, each differentiating its own parameters only, plus weight_cost·I."""
+    model, loss, batch = classification_problem()
+    solver = BlockDiagonalHF(model, loss, gradient_batch_size=30, blocks=mode, block_patterns=patterns,
+                             cut_products=True, initial_damping=0.3, weight_cost=0.01, jv_method=jv_method)
+    product = solver._damped_curvature([batch])
+    assert isinstance(product, BlockCurvatures) and solver._model_curvature(product) is product
+    identity = torch.eye(len(solver.block_index), dtype=torch.float64)
+    actual = torch.stack([product(column) for column in identity], dim=1)
+    same_block = solver.block_index[:, None] == solver.block_index[None, :]
+    expected = (dense_ggn(model, loss, batch) + 0.3 * identity) * same_block + 0.01 * identity
+    assert_close_matrices(actual, expected)
+    assert product.products == len(identity) * solver.num_blocks  # a block product counts as a product
+    used = {operator.jv_method_used for curvature in product.curvatures for operator in curvature.operators}
+    assert used == {jv_method}
+    product.set_damping(0.0)
+    v = torch.randn(len(solver.block_index), dtype=torch.float64)
+    torch.testing.assert_close(product(v), (dense_ggn(model, loss, batch) * same_block + 0.01 * identity) @ v)
+
+
+def test_cut_and_vmapped_block_products_give_the_same_updates_on_a_damped_rnn():
+    """Structural damping, Martens' preconditioner, the undamped ratio: the two ways to the block products
+    are the same matrix, so BDHF takes the same updates (to rounding) either way."""
+    torch.manual_seed(6)
+    model = RNN(3, 2, hidden_size=5).double()
+    x = torch.randn(40, 6, 3, dtype=torch.float64)
+    batch = Batch(x, x[:, :, :2].cumsum(1) * 0.3, torch.ones(40, 6, dtype=torch.float64))
+    models = [copy.deepcopy(model), copy.deepcopy(model)]
+    solvers = [BlockDiagonalHF(m, SquaredError(), gradient_batch_size=40, structural_damping=0.3, cg_max_iters=15,
+                               preconditioner="martens", rho_model="undamped", weight_cost=1e-3, cut_products=cut)
+               for m, cut in zip(models, (True, False))]
+    assert solvers[0].num_blocks == 2  # the recurrence (its three tensors) and the readout
+    for _ in range(4):
+        cut, vmapped = (solver.step(FullBatch(batch)) for solver in solvers)
+        assert cut["cg_iters"] == vmapped["cg_iters"] and cut["examples_curv"] == vmapped["examples_curv"]
+        assert cut["lambda"] == pytest.approx(vmapped["lambda"], rel=1e-12)
+        assert cut["loss"] == pytest.approx(vmapped["loss"], rel=1e-9)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
 
 
 def test_per_block_cg_solves_each_block_independently():
@@ -101,7 +145,8 @@ class TwoHeads(nn.Module):
         return torch.cat([self.first(x[:, :3]), self.second(x[:, 3:])], dim=1)
 
 
-def test_separable_least_squares_reaches_the_known_optimum():
+@pytest.mark.parametrize("cut_products", [False, True])
+def test_separable_least_squares_reaches_the_known_optimum(cut_products):
     torch.manual_seed(2)
     model = TwoHeads().double()
     x = torch.randn(400, 7, dtype=torch.float64)
@@ -109,7 +154,7 @@ def test_separable_least_squares_reaches_the_known_optimum():
                      x[:, 3:] @ torch.tensor([0.2, 0.1, -1.0, 2.0], dtype=torch.float64) - 1.0], dim=1)
     y = y + 0.05 * torch.randn_like(y)
     solver = BlockDiagonalHF(model, SquaredError(), gradient_batch_size=400, initial_damping=1e-3, cg_max_iters=50,
-                             cg_tol=1e-12)
+                             cg_tol=1e-12, cut_products=cut_products)
     assert solver.num_blocks == 2
     for _ in range(6):
         solver.step(FullBatch(Batch(x, y)))
@@ -137,12 +182,14 @@ def test_partitions_and_their_errors():
         partition_parameters(lstm_names, "patterns")
 
 
-def test_the_products_of_an_lstm_run_blockwise_too():
+@pytest.mark.parametrize("cut_products", [False, True])
+def test_the_products_of_an_lstm_run_blockwise_too(cut_products):
     torch.manual_seed(3)
     model = LSTM(3, 2, hidden_size=3, num_layers=2).double()
     batch = Batch(torch.randn(4, 5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
-    solver = BlockDiagonalHF(model, SoftmaxCrossEntropy(), gradient_batch_size=4)
-    product = BlockDiagonalProduct(ChunkedCurvature(model, SoftmaxCrossEntropy(), [batch], damping=0.1), solver.masks)
+    solver = BlockDiagonalHF(model, SoftmaxCrossEntropy(), gradient_batch_size=4, initial_damping=0.1,
+                             cut_products=cut_products)
+    product = solver._model_curvature(solver._damped_curvature([batch]))
     identity = torch.eye(len(solver.block_index), dtype=torch.float64)
     actual = torch.stack([product(column) for column in identity], dim=1)
     same_block = solver.block_index[:, None] == solver.block_index[None, :]

@@ -207,6 +207,45 @@ def test_analytic_rnn_one_step_damped_product_and_gradient_match_dense(jv_method
     torch.testing.assert_close(torch.cat([g.reshape(-1) for g in gradient]), reference, rtol=1e-10, atol=1e-12)
 
 
+def block_positions(model: nn.Module, names: list[str]) -> Tensor:
+    """The flat coordinates of the named parameters, in model order."""
+    positions, offset = [], 0
+    for name, p in model.named_parameters():
+        if name in names:
+            positions.append(torch.arange(offset, offset + p.numel()))
+        offset += p.numel()
+    return torch.cat(positions)
+
+
+@pytest.mark.parametrize("curvature_name, jv_method", [("ggn", "traced"), ("ggn", "jvp"), ("ggn", "linearize"),
+                                                       ("ggn", "double_vjp"), ("hessian", "traced")])
+@pytest.mark.parametrize("block", [["rnn.weight_hh_l0"], ["readout.weight", "readout.bias"],
+                                   ["rnn.bias_ih_l0", "readout.bias", "rnn.weight_ih_l0"]])
+def test_block_operator_is_the_dense_matrix_restricted_to_the_block(block, curvature_name, jv_method):
+    """CurvatureOperator(block=...): P_b (C + λI + μλ·G_S) P_b in the block's coordinates (model order, whatever
+    order the names come in), the rest of θ held fixed, against the dense float64 matrices' sub-blocks."""
+    torch.manual_seed(14)
+    model, batch = analytic_rnn_problem("softmax_ce")
+    loss, damping, mu = LOSSES["softmax_ce"], 0.5, 0.3
+    operator = CurvatureOperator(model, loss, batch, damping=damping, structural_damping=mu,
+                                 curvature=curvature_name, jv_method=jv_method, block=block)
+    full = dense_ggn(model, loss, batch) if curvature_name == "ggn" else dense_hessian(model, loss, batch)
+    full = full + damping * torch.eye(full.shape[0], dtype=torch.float64) + mu * damping * dense_structural_ggn(model, batch)
+    where = block_positions(model, block)
+    assert operator.num_params == len(where) and operator.jv_method_used == jv_method
+    assert_close_matrices(operator_matrix(operator), full[where][:, where])
+    gradient = torch.autograd.grad(loss(model(batch.inputs), batch.targets, batch.mask), list(model.parameters()))
+    torch.testing.assert_close(operator.gradient(), torch.cat([g.reshape(-1) for g in gradient])[where])
+
+
+def test_block_operator_refuses_names_that_are_not_trainable_parameters():
+    model, batch = analytic_rnn_problem("mse")
+    with pytest.raises(ValueError, match="rnn.nothing"):
+        CurvatureOperator(model, LOSSES["mse"], batch, block=["rnn.weight_hh_l0", "rnn.nothing"])
+    with pytest.raises(ValueError, match="must name some"):
+        CurvatureOperator(model, LOSSES["mse"], batch, block=[])
+
+
 def test_param_spec_round_trip_uses_views():
     model = tiny_mlp().double()
     spec = ParamSpec.from_module(model)

@@ -20,11 +20,17 @@ Blocks (`blocks`):
     parameter going to the first that matches (unmatched parameters form a last block "other").
 The partition is logged once at start-up.
 
-The product A_bd p needs each block's P_b C P_b p: one curvature product per block, with the tangent
-zero outside the block. With `batched_products` the K tangents go through one vectorised product
-(torch.func.vmap over the curvature operator), which costs less than K products one by one where the
-model allows it; otherwise (or where vmap fails, logged) they run one at a time. `make bench` times one
-all-blocks CG iteration against one full GGN product.
+The product A_bd p needs each block's P_b C P_b p: one curvature product per block. Two ways:
+  - `cut_products` (the config's default): one curvature operator per block, taken in the block's
+    parameters only, the others held fixed (CurvatureOperator's `block`). Only the part of the graph
+    that depends on the block is differentiated: its tangent pass starts where the block's parameters
+    enter and its backward pass stops there, so a block of the last layers costs a fraction of a product
+    and only a block at the input costs a whole one. Each block is traced once per batch shape and runs
+    its own forward pass per batch.
+  - otherwise, full products with the tangent zero outside the block; with `batched_products` the K
+    tangents go through one vectorised product (torch.func.vmap over the curvature operator), otherwise
+    (or where vmap fails, logged) one at a time.
+`make bench` times one all-blocks product each way against one full GGN product.
 """
 from __future__ import annotations
 
@@ -103,12 +109,45 @@ class BlockDiagonalProduct:
         return sum(mask * self.curvature(tangent) for mask, tangent in zip(self.masks, tangents))
 
 
+class BlockCurvatures:
+    """p ↦ Σ_b P_b A P_b p from one ChunkedCurvature per block, each in its block's coordinates (`positions`:
+    the block's flat coordinates, in model order). It stands where HF has its ChunkedCurvature (set_damping,
+    products, trace_seconds, cases, weights, local); under data parallelism the blocks' local products are
+    assembled and reduced once."""
+
+    def __init__(self, curvatures: list[ChunkedCurvature], positions: list[Tensor]):
+        self.curvatures, self.positions = curvatures, positions
+        first = curvatures[0]
+        self.cases, self.weights, self.parallel = first.cases, first.weights, first.parallel
+        self.trace_seconds = sum(curvature.trace_seconds for curvature in curvatures)
+
+    @property
+    def products(self) -> int:
+        """Block products, each counted as a product (as the batched path counts them)."""
+        return sum(curvature.products for curvature in self.curvatures)
+
+    def set_damping(self, damping: float) -> None:
+        for curvature in self.curvatures:
+            curvature.set_damping(damping)
+
+    def local(self, p: Tensor) -> Tensor:
+        product = torch.zeros_like(p)
+        for curvature, where in zip(self.curvatures, self.positions):
+            product[where] = curvature.local(p[where])
+        return product
+
+    def __call__(self, p: Tensor) -> Tensor:
+        for curvature in self.curvatures:
+            curvature.products += 1
+        return self.curvatures[0].reduce(self.local(p), p)  # the mean over ranks, plus weight_cost·p
+
+
 class BlockDiagonalHF(HessianFree):
     """BDHF behind the solver interface; takes HF's options plus the block partition (see the module
     docstring). Usable in a plain PyTorch loop like HessianFree."""
 
     def __init__(self, model: nn.Module, loss, *, blocks: str = "layer", block_patterns: Sequence[str] = (),
-                 batched_products: bool = True, **options):
+                 batched_products: bool = True, cut_products: bool = False, **options):
         if options.get("restart_uphill"):
             raise ValueError("solver.restart_uphill is not available with bdhf: its CG runs per block from one "
                              "warm start; set solver.restart_uphill=false or solver.warm_start=none")
@@ -123,18 +162,30 @@ class BlockDiagonalHF(HessianFree):
                                       for name, p in model.named_parameters() if p.requires_grad])
         self.num_blocks = len(self.partition)
         self.masks = torch.stack([(self.block_index == b).to(reference.dtype) for b in range(self.num_blocks)])
-        self.batched_products = bool(batched_products)
-        log.info("BDHF blocks (%d): %s", self.num_blocks,
+        self.positions = [torch.nonzero(self.block_index == b).squeeze(1) for b in range(self.num_blocks)]
+        self.batched_products, self.cut_products = bool(batched_products), bool(cut_products)
+        log.info("BDHF blocks (%d), %s: %s", self.num_blocks,
+                 "each differentiated alone (cut_products)" if self.cut_products else
+                 "full products masked to each block" + (", vmapped" if self.batched_products else ""),
                  "; ".join(f"{block}: {', '.join(members)}" for block, members in self.partition.items()))
 
-    def _model_curvature(self, damped_curvature: ChunkedCurvature) -> BlockDiagonalProduct:
+    def _damped_curvature(self, chunks: list, block: list[str] | None = None):
+        if not self.cut_products:
+            return super()._damped_curvature(chunks, block)
+        return BlockCurvatures([super(BlockDiagonalHF, self)._damped_curvature(chunks, members)
+                                for members in self.partition.values()], self.positions)
+
+    def _model_curvature(self, damped_curvature) -> BlockCurvatures | BlockDiagonalProduct:
+        if isinstance(damped_curvature, BlockCurvatures):
+            return damped_curvature
         return BlockDiagonalProduct(damped_curvature, self.masks, self.batched_products)
 
-    def _solve(self, damped_curvature: ChunkedCurvature, gradient: Tensor, x0: Tensor | None,
+    def _solve(self, damped_curvature, gradient: Tensor, x0: Tensor | None,
                preconditioner: Tensor | None) -> CGResult:
-        product = BlockDiagonalProduct(damped_curvature, self.masks, self.batched_products)
+        product = self._model_curvature(damped_curvature)
         result = blockwise_conjugate_gradient(product, gradient, self.block_index, self.num_blocks, x0=x0,
                                               max_iters=self.cg_max_iters, tol=self.cg_tol,
                                               preconditioner=preconditioner)
-        self.batched_products = product.batched  # a vmap failure is not retried every update
+        if isinstance(product, BlockDiagonalProduct):
+            self.batched_products = product.batched  # a vmap failure is not retried every update
         return result

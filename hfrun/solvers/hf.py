@@ -166,10 +166,7 @@ class HessianFree:
             # Nothing sensible can follow; leave θ as it is and let the caller see the non-finite loss.
             return {"loss": math.nan if math.isfinite(data_loss) else data_loss, "objective": loss_before,
                     "examples_grad": gradient_cases, "examples_curv": 0}
-        damped_curvature = ChunkedCurvature(self.model, self.loss, curvature_chunks, damping=self.damping,
-                                            structural_damping=self.structural_damping, curvature=self.curvature,
-                                            jv_method=self.jv_method, weight_cost=self.weight_cost,
-                                            parallel=self.parallel)
+        damped_curvature = self._damped_curvature(curvature_chunks)
         curvature_cases = damped_curvature.cases
         preconditioner, examples_grad = None, gradient_cases
         if self.preconditioner == "martens":
@@ -231,6 +228,13 @@ class HessianFree:
                 "start a new run with a higher solver.damping_max or solver.stall_updates, or a larger "
                 "solver.gradient_batch_size (a resume must keep the solver's settings).")
         return stats
+
+    def _damped_curvature(self, chunks: list, block: list[str] | None = None) -> ChunkedCurvature:
+        """A = C + λI + μλ·G_S + weight_cost·I on the curvature chunks (or its block of `block`'s parameters)."""
+        return ChunkedCurvature(self.model, self.loss, chunks, damping=self.damping,
+                                structural_damping=self.structural_damping, curvature=self.curvature,
+                                jv_method=self.jv_method, weight_cost=self.weight_cost, parallel=self.parallel,
+                                block=block)
 
     def _solve(self, damped_curvature: ChunkedCurvature, gradient: Tensor, x0: Tensor | None,
                preconditioner: Tensor | None) -> CGResult:

@@ -126,17 +126,18 @@ class ChunkedCurvature:
     A = Σ_c (n_c/n)·(C_c + λI + μλ·G_S,c) + weight_cost·I, with one CurvatureOperator per chunk (see
     hfrun.curvature for C, λ and μ), the mean over ranks of their shares' products under data parallelism.
     `damping` may change between products; `products` counts them; `trace_seconds` is the time the
-    operators spent tracing products for new batch shapes; `cases` is the global batch's size.
+    operators spent tracing products for new batch shapes; `cases` is the global batch's size. With
+    `block` (parameter names) it is that block of A, in the block's coordinates (CurvatureOperator).
     """
 
     def __init__(self, model: nn.Module, loss, chunks: list, *, damping: float, structural_damping: float = 0.0,
                  curvature: str = "ggn", jv_method: str = "auto", weight_cost: float = 0.0,
-                 parallel: DataParallel = SINGLE):
+                 parallel: DataParallel = SINGLE, block: list[str] | None = None):
         self.parallel = parallel
         self.cases = sum(chunk.size for chunk in chunks) * parallel.world_size
         self.operators = [CurvatureOperator(model, loss, chunk, damping=damping,
                                             structural_damping=structural_damping, curvature=curvature,
-                                            jv_method=jv_method) for chunk in chunks]
+                                            jv_method=jv_method, block=block) for chunk in chunks]
         self.weights = [chunk.size * parallel.world_size / self.cases for chunk in chunks]
         self.trace_seconds = sum(operator.trace_seconds for operator in self.operators)
         self.weight_cost = float(weight_cost)

@@ -1,0 +1,15 @@
+#!/bin/bash
+# T = 100 under the release's definitions: HF at the task configs' defaults, one thread per run, two runs at
+# a time on the 2-core machine. Each run has a wall-clock cap (CAP seconds, cumulative over resumes); a run the
+# cap stopped is continued exactly by running this again with a larger CAP (it resumes from checkpoints/last.pt).
+# Usage: bash run.sh OUT CAP task:seed [task:seed ...]     e.g.  bash run.sh /tmp/t100 3600 addition:0 xor:1
+set -u
+out=$1; cap=$2; shift 2
+for spec in "$@"; do
+  task=${spec%%:*}; seed=${spec##*:}
+  dir=$out/$task/s$seed
+  if [ -e "$dir/summary.json" ] && grep -q '"solved": true' "$dir/summary.json"; then continue; fi
+  if [ -e "$dir/checkpoints/last.pt" ]; then where="run.resume=$dir"; else where="hydra.run.dir=$dir"; fi
+  hfrun solver=hf task=${task}_T100 seed=$seed run.max_updates=100000 run.max_seconds=$cap run.eval_every=1 \
+      run.checkpoint_every=5 run.threads=1 logger.progress=false $where
+done
