@@ -259,8 +259,9 @@ def reference_hf_update(model: nn.Module, loss: Callable, batch: Batch, cg_iters
 
 
 def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
-                    values: tuple[str, ...] = ("jvp", "linearize")) -> dict[str, dict[str, float]]:
-    """HF updates on a configured task (its own solver hints) under each value of one config key (e.g.
+                    values: tuple[str, ...] = ("jvp", "linearize"), solver: str = "hf") -> dict[str, dict[str, float]]:
+    """Updates of a second-order solver (HF by default, or BDHF, SGN) on a configured task (its own solver
+    hints) under each value of one config key (e.g.
     solver.jv_method or model.impl), each from the same model, solver and data-stream state in turn, so all
     see the same batches; prints per-update times, totals and ms per 1000-sequence minibatch, with and without
     the time spent tracing products for new batch shapes (paid once per shape in a run)."""
@@ -273,7 +274,7 @@ def compare_on_task(task: str, updates: int, key: str = "solver.jv_method",
     runs = {}
     for value in values:
         with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-            cfg = compose("config", overrides=["solver=hf", f"task={task}", "seed=0", f"{key}={value}"])
+            cfg = compose("config", overrides=[f"solver={solver}", f"task={task}", "seed=0", f"{key}={value}"])
         torch.manual_seed(0)
         task_object = build_task(cfg, device, torch.float32)
         model = build_model(cfg, task_object, device, torch.float32)
@@ -569,11 +570,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every batch size (smoke tests)")
-    parser.add_argument("--task", help="instead of the table: time HF updates on this task (e.g. addition_T30) "
+    parser.add_argument("--task", help="instead of the table: time updates of --solver on this task (e.g. addition_T30) "
                                        "under each value of --compare, from the same states")
     parser.add_argument("--compare", default="solver.jv_method=jvp,traced", metavar="KEY=V1,V2",
                         help="with --task: the config key and values to compare (e.g. model.impl=loop,analytic)")
     parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
+    parser.add_argument("--solver", default="hf", help="with --task: the solver config (hf, bdhf, sgn)")
     parser.add_argument("--memory", action="store_true",
                         help="instead of the table: peak memory of a gradient, a set-up and a product, T = 100, 200")
     parser.add_argument("--data", metavar="TASK,TASK", help="instead of the table: one epoch of these data-set "
@@ -599,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.task:
         key, _, values = args.compare.partition("=")
-        compare_on_task(args.task, args.updates, key, tuple(values.split(",")))
+        compare_on_task(args.task, args.updates, key, tuple(values.split(",")), args.solver)
         return
     columns = ["grad_ms", "gvp_ms", "gvp/grad", "cg_iter_ms", "cg_overhead", "setup_ms", "trace_ms", "hf10_ms",
                "peer10_ms", "hf10/peer", "hf_cg_iters"]

@@ -4,6 +4,7 @@ and the partitions."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -209,3 +210,89 @@ def test_undamped_ratio_uses_the_block_diagonal_model_and_restart_uphill_is_refu
         assert solver.step(FullBatch(batch))["loss"] > 0
     with pytest.raises(ValueError, match="restart_uphill is not available with bdhf"):
         BlockDiagonalHF(model, loss, gradient_batch_size=30, restart_uphill=True)
+
+
+def separable_problem(scale_second: float = 30.0):
+    """Two independent linear least-squares heads, the second's inputs scaled so its curvature is far larger."""
+    torch.manual_seed(2)
+    model = TwoHeads().double()
+    x = torch.randn(400, 7, dtype=torch.float64)
+    x[:, 3:] *= scale_second
+    y = torch.stack([x[:, :3].sum(1) + 0.3, x[:, 3:].mean(1) - 1.0], dim=1) + 0.05 * torch.randn(400, 2, dtype=torch.float64)
+    return model, Batch(x, y)
+
+
+def test_per_block_damping_adapts_each_lambda_on_its_own_ratio():
+    """Linear least squares with the undamped model: each block's f is exactly its quadratic model, so every
+    ρ_b is 1 and each λ_b falls by 2/3 per update whatever the other block does; the heads reach the optimum."""
+    model, batch = separable_problem()
+    solver = BlockDiagonalHF(model, SquaredError(), gradient_batch_size=400, initial_damping=1.0, cg_max_iters=3,
+                             cg_tol=0.0, rho_model="undamped", cut_products=True, block_damping="per_block",
+                             preconditioner="martens", max_line_search=0)
+    for update in range(1, 9):
+        stats = solver.step(FullBatch(batch))
+        assert solver.block_dampings == pytest.approx([(2 / 3) ** update] * 2, rel=1e-9)
+        assert stats["lambda_min"] == pytest.approx(stats["lambda_max"], rel=1e-9)
+    for _ in range(10):
+        solver.step(FullBatch(batch))
+    for head, columns, target in ((model.first, slice(0, 3), batch.targets[:, 0]),
+                                  (model.second, slice(3, 7), batch.targets[:, 1])):
+        design = torch.cat([batch.inputs[:, columns], torch.ones(400, 1, dtype=torch.float64)], dim=1)
+        optimum = torch.linalg.lstsq(design, target[:, None]).solution.flatten()
+        found = torch.cat([head.weight.detach().flatten(), head.bias.detach()])
+        torch.testing.assert_close(found, optimum, rtol=1e-6, atol=1e-7)
+
+
+def test_per_block_ratios_against_a_hand_computed_one():
+    """A nonlinear net: after one update each λ_b moved by the rule applied to ρ_b computed here by hand from
+    f(θ + P_b d), g and the dense GGN block, at the direction the update took."""
+    model, loss, batch = classification_problem()
+    before = copy.deepcopy(model)
+    solver = BlockDiagonalHF(model, loss, gradient_batch_size=30, initial_damping=0.7, cg_max_iters=5,
+                             cut_products=True, block_damping="per_block", max_line_search=0)
+    stats = solver.step(FullBatch(batch))
+    theta0 = torch.cat([p.detach().reshape(-1) for p in before.parameters()])
+    direction = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - theta0
+    assert stats["step_size"] == 1.0 and direction.abs().sum() > 0
+    gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(before(batch.inputs), batch.targets),
+                                                                    list(before.parameters()))])
+    ggn = dense_ggn(before, loss, batch) + 0.7 * torch.eye(len(theta0), dtype=torch.float64)
+    f0 = float(loss(before(batch.inputs), batch.targets).detach())
+    for b in range(solver.num_blocks):
+        where = solver.positions[b]
+        d_b = torch.zeros_like(direction)
+        d_b[where] = direction[where]
+        moved = copy.deepcopy(before)
+        torch.nn.utils.vector_to_parameters(theta0 + d_b, moved.parameters())
+        actual = float(loss(moved(batch.inputs), batch.targets).detach()) - f0
+        predicted = float(gradient @ d_b + 0.5 * d_b @ ggn @ d_b)
+        rho = actual / predicted if actual <= 0 else -math.inf
+        expected = 0.7 * (1.5 if rho < 0.25 else 2 / 3 if rho > 0.75 else 1.0)
+        assert solver.block_dampings[b] == pytest.approx(expected, rel=1e-12), (b, rho)
+
+
+def test_per_block_damping_resumes_exactly_and_its_refusals():
+    model, loss, batch = classification_problem()
+    options = dict(gradient_batch_size=30, cg_max_iters=8, cut_products=True, block_damping="per_block")
+    whole_model, part_model = copy.deepcopy(model), copy.deepcopy(model)
+    whole = BlockDiagonalHF(whole_model, loss, **options)
+    part = BlockDiagonalHF(part_model, loss, **options)
+    for solver in (whole, part):  # blocks that start apart stay apart
+        solver.block_levenberg_marquardt[0].damping = 20.0
+    for _ in range(5):
+        whole.step(FullBatch(batch))
+    for _ in range(3):
+        part.step(FullBatch(batch))
+    state = copy.deepcopy(part.state_dict())
+    resumed_model = copy.deepcopy(part_model)
+    resumed = BlockDiagonalHF(resumed_model, loss, **options)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        resumed.step(FullBatch(batch))
+    assert resumed.block_dampings == whole.block_dampings and len(set(whole.block_dampings)) > 1
+    for p, q in zip(whole_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs solver.cut_products=true"):
+        BlockDiagonalHF(model, loss, gradient_batch_size=30, block_damping="per_block")
+    with pytest.raises(ValueError, match="solver.block_damping must be one of"):
+        BlockDiagonalHF(model, loss, gradient_batch_size=30, block_damping="per_layer")

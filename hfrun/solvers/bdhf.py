@@ -8,9 +8,18 @@ P_b the projection on block b's coordinates, so the quadratic model splits into 
 problem per block, A_bb d_b = −g_b, and CG runs per block (`blockwise_conjugate_gradient`: its own step
 sizes, its own stopping by Martens' rule or the cap, its own warm start from 0.95 × its last solution).
 Everything else is HF's, through the shared second-order core: the gradient and curvature batches,
-backtracking over the saved (assembled) iterates, one Levenberg-Marquardt λ on the assembled
-direction's reduction ratio (its model the block-diagonal one, with `rho_model: undamped` too), and the
-Armijo line search. `restart_uphill` is refused: each block's CG starts from its own warm start.
+backtracking over the saved (assembled) iterates and the Armijo line search. `restart_uphill` is refused:
+each block's CG starts from its own warm start.
+
+Damping (`block_damping`):
+  - "shared" (default): one Levenberg-Marquardt λ on the assembled direction's reduction ratio ρ (its
+    model the block-diagonal one, with `rho_model: undamped` too);
+  - "per_block": a λ_b per block (it needs `cut_products`), each adapted by the same rule on its own ratio
+    ρ_b = (f(θ + P_b d) − f(θ)) / q_b(P_b d), with q_b the block's quadratic model, g_bᵀd_b + ½ d_bᵀA_bb d_b,
+    at the chosen direction d (after backtracking). It costs K forward passes on the backtracking batch and
+    one block-diagonal product per update. A block whose CG took no step keeps its λ_b. Martens'
+    preconditioner takes each coordinate's λ_b; `lambda` in the statistics is the geometric mean, with
+    `lambda_min` and `lambda_max`; the run stalls when every block is stuck at `damping_max`.
 
 Blocks (`blocks`):
   - "layer" (default): one block per layer, its weight and bias together (the parameters of one
@@ -35,7 +44,9 @@ The product A_bd p needs each block's P_b C P_b p: one curvature product per blo
 from __future__ import annotations
 
 import logging
+import math
 import re
+import statistics
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +54,7 @@ from torch import Tensor, nn
 
 from hfrun.solvers.cg import CGResult, blockwise_conjugate_gradient
 from hfrun.solvers.hf import HessianFree
-from hfrun.solvers.second_order import ChunkedCurvature
+from hfrun.solvers.second_order import ChunkedCurvature, LevenbergMarquardt, reduction_ratio
 
 log = logging.getLogger("hfrun.solvers.bdhf")
 PARTITIONS = ("layer", "tensor", "patterns")
@@ -126,9 +137,11 @@ class BlockCurvatures:
         """Block products, each counted as a product (as the batched path counts them)."""
         return sum(curvature.products for curvature in self.curvatures)
 
-    def set_damping(self, damping: float) -> None:
-        for curvature in self.curvatures:
-            curvature.set_damping(damping)
+    def set_damping(self, damping: float | Sequence[float]) -> None:
+        """One λ for every block, or one per block."""
+        dampings = [damping] * len(self.curvatures) if isinstance(damping, (int, float)) else damping
+        for curvature, value in zip(self.curvatures, dampings, strict=True):
+            curvature.set_damping(value)
 
     def local(self, p: Tensor) -> Tensor:
         product = torch.zeros_like(p)
@@ -142,15 +155,24 @@ class BlockCurvatures:
         return self.curvatures[0].reduce(self.local(p), p)  # the mean over ranks, plus weight_cost·p
 
 
+BLOCK_DAMPINGS = ("shared", "per_block")
+
+
 class BlockDiagonalHF(HessianFree):
-    """BDHF behind the solver interface; takes HF's options plus the block partition (see the module
-    docstring). Usable in a plain PyTorch loop like HessianFree."""
+    """BDHF behind the solver interface; takes HF's options plus the block partition and the damping (see the
+    module docstring). Usable in a plain PyTorch loop like HessianFree."""
 
     def __init__(self, model: nn.Module, loss, *, blocks: str = "layer", block_patterns: Sequence[str] = (),
-                 batched_products: bool = True, cut_products: bool = False, **options):
+                 batched_products: bool = True, cut_products: bool = False, block_damping: str = "shared",
+                 **options):
         if options.get("restart_uphill"):
             raise ValueError("solver.restart_uphill is not available with bdhf: its CG runs per block from one "
                              "warm start; set solver.restart_uphill=false or solver.warm_start=none")
+        if block_damping not in BLOCK_DAMPINGS:
+            raise ValueError(f"solver.block_damping must be one of {BLOCK_DAMPINGS}, got {block_damping!r}")
+        if block_damping == "per_block" and not cut_products:
+            raise ValueError("solver.block_damping=per_block needs solver.cut_products=true: each block's λ "
+                             "damps that block's own curvature operator")
         super().__init__(model, loss, **options)
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.partition = partition_parameters(names, blocks, list(block_patterns))
@@ -164,16 +186,101 @@ class BlockDiagonalHF(HessianFree):
         self.masks = torch.stack([(self.block_index == b).to(reference.dtype) for b in range(self.num_blocks)])
         self.positions = [torch.nonzero(self.block_index == b).squeeze(1) for b in range(self.num_blocks)]
         self.batched_products, self.cut_products = bool(batched_products), bool(cut_products)
-        log.info("BDHF blocks (%d), %s: %s", self.num_blocks,
+        self.block_damping = block_damping
+        self.block_levenberg_marquardt = ([LevenbergMarquardt(self.damping, self.levenberg_marquardt.minimum,
+                                                              self.damping_max) for _ in range(self.num_blocks)]
+                                          if block_damping == "per_block" else None)
+        log.info("BDHF blocks (%d), %s, %s λ%s: %s", self.num_blocks,
                  "each differentiated alone (cut_products)" if self.cut_products else
                  "full products masked to each block" + (", vmapped" if self.batched_products else ""),
+                 "a" if block_damping == "per_block" else "one shared",
+                 " per block" if block_damping == "per_block" else "",
                  "; ".join(f"{block}: {', '.join(members)}" for block, members in self.partition.items()))
 
-    def _damped_curvature(self, chunks: list, block: list[str] | None = None):
+    # ------------------------------------------------------------ damping
+
+    @property
+    def block_dampings(self) -> list[float]:
+        """λ_b of every block (all the shared λ unless block_damping is per_block)."""
+        if self.block_levenberg_marquardt is None:
+            return [self.damping] * self.num_blocks
+        return [controller.damping for controller in self.block_levenberg_marquardt]
+
+    @property
+    def damping(self) -> float:
+        """λ; with a λ per block, their geometric mean (what `lambda` reports)."""
+        if getattr(self, "block_levenberg_marquardt", None) is None:
+            return self.levenberg_marquardt.damping
+        return math.exp(statistics.fmean(math.log(value) for value in self.block_dampings))
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        for controller in [self.levenberg_marquardt, *(getattr(self, "block_levenberg_marquardt", None) or [])]:
+            controller.damping = float(value)
+
+    @property
+    def updates_stuck_at_max(self) -> int:
+        if self.block_levenberg_marquardt is None:
+            return self.levenberg_marquardt.updates_stuck_at_max
+        return min(controller.updates_stuck_at_max for controller in self.block_levenberg_marquardt)
+
+    def _product_damping(self):
+        return self.damping if self.block_levenberg_marquardt is None else self.block_dampings
+
+    def _preconditioner_damping(self):
+        if self.block_levenberg_marquardt is None:
+            return super()._preconditioner_damping()
+        dampings = torch.tensor(self.block_dampings, dtype=self.masks.dtype, device=self.masks.device)
+        return dampings[self.block_index] + self.weight_cost
+
+    def _adapt_damping(self, rho: float, theta: Tensor, direction: Tensor, gradient: Tensor, damped_curvature,
+                       batch: list, objective_before: float) -> None:
+        """Shared: HF's rule on the assembled ρ. Per block: each λ_b by the same rule on ρ_b (module docstring)."""
+        if self.block_levenberg_marquardt is None:
+            self.levenberg_marquardt.update(rho)
+            return
+        if self.rho_model == "undamped":
+            damped_curvature.set_damping(0.0)
+        curvature_direction = damped_curvature(direction)
+        damped_curvature.set_damping(self._product_damping())
+        per_block = torch.zeros(self.num_blocks, dtype=direction.dtype, device=direction.device)
+        model_reductions = per_block.index_add(0, self.block_index,
+                                               direction * (gradient + 0.5 * curvature_direction)).tolist()
+        moved = per_block.index_add(0, self.block_index, direction.abs()).tolist()
+        for b, (controller, where) in enumerate(zip(self.block_levenberg_marquardt, self.positions)):
+            if moved[b] == 0:
+                continue  # its CG took no step: nothing to judge its λ by
+            block_direction = torch.zeros_like(direction)
+            block_direction[where] = direction[where]
+            after = self.objective.value(theta + block_direction, batch)
+            controller.update(reduction_ratio(objective_before, after, model_reductions[b]))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.block_levenberg_marquardt is not None:
+            state["block_damping"] = [controller.state_dict() for controller in self.block_levenberg_marquardt]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.block_levenberg_marquardt is not None:
+            for controller, saved in zip(self.block_levenberg_marquardt, state["block_damping"], strict=True):
+                controller.load_state_dict(saved)
+
+    def step(self, stream) -> dict[str, float]:
+        stats = super().step(stream)
+        if self.block_levenberg_marquardt is not None and "lambda" in stats:
+            stats["lambda_min"], stats["lambda_max"] = min(self.block_dampings), max(self.block_dampings)
+        return stats
+
+    # ------------------------------------------------------------ products
+
+    def _damped_curvature(self, chunks: list, block: list[str] | None = None, damping: float | None = None):
         if not self.cut_products:
-            return super()._damped_curvature(chunks, block)
-        return BlockCurvatures([super(BlockDiagonalHF, self)._damped_curvature(chunks, members)
-                                for members in self.partition.values()], self.positions)
+            return super()._damped_curvature(chunks, block, damping)
+        return BlockCurvatures([super(BlockDiagonalHF, self)._damped_curvature(chunks, members, block_damping)
+                                for members, block_damping in zip(self.partition.values(), self.block_dampings)],
+                               self.positions)
 
     def _model_curvature(self, damped_curvature) -> BlockCurvatures | BlockDiagonalProduct:
         if isinstance(damped_curvature, BlockCurvatures):

@@ -176,7 +176,7 @@ class HessianFree:
                                              * weight for chunk, weight in zip(curvature_chunks,
                                                                                damped_curvature.weights)))
             examples_grad += curvature_cases
-            preconditioner = martens_preconditioner(squares, self.damping + self.weight_cost,
+            preconditioner = martens_preconditioner(squares, self._preconditioner_damping(),
                                                     self.preconditioner_exponent)
         time_gradient = time.perf_counter() - clock
 
@@ -195,10 +195,10 @@ class HessianFree:
         if self.rho_model == "undamped":
             damped_curvature.set_damping(0.0)  # drops both λI and μλ·G_S
             model_reduction = quadratic_value(self._model_curvature(damped_curvature), gradient, direction)
-            damped_curvature.set_damping(self.damping)
+            damped_curvature.set_damping(self._product_damping())
         rho = reduction_ratio(objective_before, objective_after, model_reduction)
         damping_used = self.damping
-        self.levenberg_marquardt.update(rho)
+        self._adapt_damping(rho, theta, direction, gradient, damped_curvature, backtrack_batch, objective_before)
         step_size, objective_final = armijo(
             lambda rate: self.objective.value(theta + rate * direction, backtrack_batch), objective_before,
             float(gradient.dot(direction)), objective_after, c=self.line_search_c, shrink=self.line_search_shrink,
@@ -229,12 +229,27 @@ class HessianFree:
                 "solver.gradient_batch_size (a resume must keep the solver's settings).")
         return stats
 
-    def _damped_curvature(self, chunks: list, block: list[str] | None = None) -> ChunkedCurvature:
-        """A = C + λI + μλ·G_S + weight_cost·I on the curvature chunks (or its block of `block`'s parameters)."""
-        return ChunkedCurvature(self.model, self.loss, chunks, damping=self.damping,
+    def _damped_curvature(self, chunks: list, block: list[str] | None = None,
+                          damping: float | None = None) -> ChunkedCurvature:
+        """A = C + λI + μλ·G_S + weight_cost·I on the curvature chunks (or its block of `block`'s parameters),
+        at the solver's λ or at `damping`."""
+        return ChunkedCurvature(self.model, self.loss, chunks, damping=self.damping if damping is None else damping,
                                 structural_damping=self.structural_damping, curvature=self.curvature,
                                 jv_method=self.jv_method, weight_cost=self.weight_cost, parallel=self.parallel,
                                 block=block)
+
+    def _product_damping(self):
+        """What the curvature products are damped with (block-diagonal HF may hold a λ per block)."""
+        return self.damping
+
+    def _preconditioner_damping(self):
+        """What Martens' preconditioner adds to the squared gradients: λ plus the weight cost, as he does."""
+        return self.damping + self.weight_cost
+
+    def _adapt_damping(self, rho: float, theta: Tensor, direction: Tensor, gradient: Tensor, damped_curvature,
+                       batch: list, objective_before: float) -> None:
+        """λ by the Levenberg-Marquardt rule on ρ (block-diagonal HF may adapt a λ per block instead)."""
+        self.levenberg_marquardt.update(rho)
 
     def _solve(self, damped_curvature: ChunkedCurvature, gradient: Tensor, x0: Tensor | None,
                preconditioner: Tensor | None) -> CGResult:
