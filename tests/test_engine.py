@@ -248,6 +248,15 @@ def test_a_run_from_before_task_protocol_resumes_with_the_definition_it_ran_unde
     check_resume_matches(saved, make_config("solver=hf", "task=addition_T30", "task.protocol=hfrun"), tmp_path)
 
 
+def test_a_bdhf_run_from_before_cut_products_resumes_with_full_products(make_config, tmp_path):
+    cfg = make_config("solver=bdhf", *HF_SMALL, "run.device=cpu")
+    saved = _config_before(cfg, "solver.cut_products", "solver.block_damping")
+    with pytest.raises(HfrunError, match=r"solver.cut_products=not set in the run, True now.*it ran as "
+                                         r"solver.cut_products=False"):
+        check_resume_matches(saved, cfg, tmp_path)
+    check_resume_matches(saved, make_config("solver=bdhf", *HF_SMALL, "solver.cut_products=false"), tmp_path)
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"x": torch.ones(3)}, path)
