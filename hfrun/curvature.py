@@ -228,8 +228,7 @@ class CurvatureOperator:
                  buffers: Mapping[str, Tensor] = {},  # noqa: B006 - never mutated
                  frozen: Mapping[str, Tensor] | None = None) -> tuple[Tensor, ...]:
         """(z,) or, with structural damping, (z, a), at `params` (and `buffers`, else the model's own; the
-        parameters outside the block at `frozen`, else their values at construction) on `inputs` (else
-        the batch's)."""
+        parameters outside the block at `frozen`, else the model's, detached) on `inputs` (else the batch's)."""
         constants = self._frozen if frozen is None else frozen
         named = {self._param_prefix + name: tensor for name, tensor in {**constants, **params, **buffers}.items()}
         outputs = functional_call(self._forward_module, named, (self.batch.inputs if inputs is None else inputs,))

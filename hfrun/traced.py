@@ -52,7 +52,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
 from torch.func import functionalize
 
-MAX_TRACES_PER_MODEL = 64  # distinct batch shapes kept per model (least recently used dropped)
+MAX_TRACES_PER_MODEL = 256  # traces kept per model (least recently used dropped): one per batch shape, and with
+                             # block-diagonal HF's cut products one per block and shape (e.g. 6 blocks × 20 lengths)
 _ALIASES = (torch.ops.aten.alias.default, torch.ops.aten.detach.default)
 
 _TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → OrderedDict(key → TracedProduct)

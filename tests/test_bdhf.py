@@ -244,20 +244,22 @@ def test_per_block_damping_adapts_each_lambda_on_its_own_ratio():
 
 
 def test_per_block_ratios_against_a_hand_computed_one():
-    """A nonlinear net: after one update each λ_b moved by the rule applied to ρ_b computed here by hand from
-    f(θ + P_b d), g and the dense GGN block, at the direction the update took."""
+    """A nonlinear net where the assembled step goes uphill (ρ = −∞: a shared λ would rise) while each block's
+    own step goes down: every λ_b moves by the rule applied to its ρ_b, computed here by hand from
+    f(θ + P_b d), g and the dense GGN block at the direction the update chose (CG's last iterate)."""
     model, loss, batch = classification_problem()
     before = copy.deepcopy(model)
-    solver = BlockDiagonalHF(model, loss, gradient_batch_size=30, initial_damping=0.7, cg_max_iters=5,
+    solver = BlockDiagonalHF(model, loss, gradient_batch_size=30, initial_damping=0.01, cg_max_iters=5,
                              cut_products=True, block_damping="per_block", max_line_search=0)
     stats = solver.step(FullBatch(batch))
+    assert stats["rho"] == -math.inf and stats["cg_chosen_iter"] == stats["cg_iters"]
+    direction = solver.warm_start  # CG's last iterate, the direction chosen
     theta0 = torch.cat([p.detach().reshape(-1) for p in before.parameters()])
-    direction = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - theta0
-    assert stats["step_size"] == 1.0 and direction.abs().sum() > 0
     gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(before(batch.inputs), batch.targets),
                                                                     list(before.parameters()))])
-    ggn = dense_ggn(before, loss, batch) + 0.7 * torch.eye(len(theta0), dtype=torch.float64)
+    ggn = dense_ggn(before, loss, batch) + 0.01 * torch.eye(len(theta0), dtype=torch.float64)
     f0 = float(loss(before(batch.inputs), batch.targets).detach())
+    ratios = []
     for b in range(solver.num_blocks):
         where = solver.positions[b]
         d_b = torch.zeros_like(direction)
@@ -266,9 +268,12 @@ def test_per_block_ratios_against_a_hand_computed_one():
         torch.nn.utils.vector_to_parameters(theta0 + d_b, moved.parameters())
         actual = float(loss(moved(batch.inputs), batch.targets).detach()) - f0
         predicted = float(gradient @ d_b + 0.5 * d_b @ ggn @ d_b)
-        rho = actual / predicted if actual <= 0 else -math.inf
-        expected = 0.7 * (1.5 if rho < 0.25 else 2 / 3 if rho > 0.75 else 1.0)
-        assert solver.block_dampings[b] == pytest.approx(expected, rel=1e-12), (b, rho)
+        ratios.append(actual / predicted if actual <= 0 else -math.inf)
+        expected = 0.01 * (1.5 if ratios[-1] < 0.25 else 2 / 3 if ratios[-1] > 0.75 else 1.0)
+        assert solver.block_dampings[b] == pytest.approx(expected, rel=1e-12), (b, ratios)
+    assert solver.block_ratios == pytest.approx(ratios, rel=1e-6)
+    assert (stats["rho_min"], stats["rho_max"]) == pytest.approx((min(ratios), max(ratios)), rel=1e-6)
+    assert all(value < 0.01 for value in solver.block_dampings)  # where a shared λ would have risen to 0.015
 
 
 def test_per_block_damping_resumes_exactly_and_its_refusals():
@@ -292,6 +297,9 @@ def test_per_block_damping_resumes_exactly_and_its_refusals():
     assert resumed.block_dampings == whole.block_dampings and len(set(whole.block_dampings)) > 1
     for p, q in zip(whole_model.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
+    shared = BlockDiagonalHF(copy.deepcopy(model), loss, gradient_batch_size=30, initial_damping=0.3)
+    resumed.load_state_dict(shared.state_dict())  # a shared λ's state starts every block from it
+    assert resumed.block_dampings == [0.3] * resumed.num_blocks
     with pytest.raises(ValueError, match="needs solver.cut_products=true"):
         BlockDiagonalHF(model, loss, gradient_batch_size=30, block_damping="per_block")
     with pytest.raises(ValueError, match="solver.block_damping must be one of"):
