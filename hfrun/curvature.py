@@ -564,11 +564,17 @@ def per_case_gradient_squares(model: nn.Module, loss: Callable, batch: Batch) ->
     """Σ_i g_i² (elementwise, flat), g_i the gradient of case i's term of the batch loss.
 
     The loss is a mean over the B cases, so g_i = ∇ℓ_i / B and Σ_i g_i = ∇L.
-    Per-case gradients come from vmap over grad, a chunk of cases at a time;
-    a model that vmap cannot batch falls back to a loop over cases.
+    Where every trainable parameter belongs to an nn.Linear that the forward pass calls once on (B, in)
+    inputs (MLPs, the autoencoder), the sum comes from one backward pass (`_linear_gradient_squares`):
+    case i's gradient of a layer's weight is δ_i a_iᵀ, so Σ_i g_i² = (δ²)ᵀ(a²), one matmul per layer, as
+    BackPACK's SumGradSquared does. Otherwise per-case gradients come from vmap over grad, a chunk of
+    cases at a time; a model that vmap cannot batch falls back to a loop over cases.
     """
     params = trainable_parameters(model)
     spec = ParamSpec(params)
+    squares = _checked_linear_gradient_squares(model, loss, batch, params, spec)
+    if squares is not None:
+        return squares / batch.size**2
     if model not in _MODELS_WITHOUT_VMAP:
         try:
             squares = _vmapped_gradient_squares(model, loss, batch, params, spec)
@@ -608,6 +614,78 @@ def _vmapped_gradient_squares(model, loss, batch, params, spec) -> Tensor:
         gradients = per_case_gradient(params, batch.inputs[cases], batch.targets[cases], mask)
         squares += spec.flatten({name: g.square().sum(0) for name, g in gradients.items()})
     return squares
+
+
+def _linear_gradient_squares(model: nn.Module, loss: Callable, batch: Batch, params: dict[str, Tensor],
+                             spec: ParamSpec) -> Tensor | None:
+    """Σ_i ∇ℓ_i² from one backward pass through nn.Linear layers, or None where the model is not made of
+    them as the fast path needs (some parameter outside an nn.Linear, a layer called twice or on inputs that
+    are not (B, in)). With δ = ∂L/∂(layer output) = ∂ℓ_i/∂z_i / B for case i and a its input,
+    Σ_i ∇_W ℓ_i² = B²·(δ²)ᵀ(a²) and Σ_i ∇_b ℓ_i² = B²·Σ_i δ_i²."""
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    layers = {name.rpartition(".")[0] for name in params}
+    if not all(name.rpartition(".")[0] in linears and name.rpartition(".")[2] in ("weight", "bias")
+               for name in params):
+        return None
+    inputs: dict[str, list[Tensor]] = {layer: [] for layer in layers}
+    output_gradients: dict[str, Tensor] = {}
+
+    def record(layer: str):
+        def hook(module, args, output):
+            inputs[layer].append(args[0].detach())
+            if output.requires_grad:
+                output.register_hook(lambda gradient: output_gradients.__setitem__(layer, gradient.detach()))
+        return hook
+
+    handles = [linears[layer].register_forward_hook(record(layer)) for layer in layers]
+    try:
+        with torch.enable_grad():
+            live = [p for p in model.parameters() if p.requires_grad]
+            torch.autograd.grad(loss(model(batch.inputs), batch.targets, batch.mask), live)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not all(len(seen) == 1 and seen[0].dim() == 2 and seen[0].shape[0] == batch.size and layer in output_gradients
+               for layer, seen in inputs.items()):
+        return None
+    scale = batch.size**2
+    squares = {}
+    for name in params:
+        layer, _, leaf = name.rpartition(".")
+        delta_squared = output_gradients[layer].square()
+        squares[name] = scale * (delta_squared.T @ inputs[layer][0].square() if leaf == "weight"
+                                 else delta_squared.sum(0))
+    return spec.flatten(squares)
+
+
+_LINEAR_SQUARES_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → bool (agrees?)
+LINEAR_SQUARES_CHECK_CASES = 16
+
+
+def _checked_linear_gradient_squares(model, loss, batch, params, spec) -> Tensor | None:
+    """`_linear_gradient_squares`, trusted for a model once it matched the per-case gradients of vmap on the
+    first cases of its first batch (a loss whose cases interact, say, would not); None means use vmap."""
+    verdict = _LINEAR_SQUARES_CHECKED.get(model)
+    if verdict is False:
+        return None
+    squares = _linear_gradient_squares(model, loss, batch, params, spec)
+    if squares is None or verdict:
+        _LINEAR_SQUARES_CHECKED[model] = squares is not None
+        return squares
+    cases = slice(0, min(batch.size, LINEAR_SQUARES_CHECK_CASES))
+    head = Batch(batch.inputs[cases], batch.targets[cases], None if batch.mask is None else batch.mask[cases])
+    try:
+        want = _vmapped_gradient_squares(model, loss, head, params, spec)
+    except (RuntimeError, NotImplementedError):
+        want = _looped_gradient_squares(model, loss, head, params, spec)
+    got = _linear_gradient_squares(model, loss, head, params, spec)
+    agrees = got is not None and _differs(want, got) is None
+    if not agrees:
+        _log_once(f"linear_squares:{type(model).__name__}", logging.INFO, "the per-case gradient squares of %s "
+                  "come from vmap: the one-backward-pass way through its linear layers disagreed with it",
+                  type(model).__name__)
+    _LINEAR_SQUARES_CHECKED[model] = agrees
+    return squares if agrees else None
 
 
 def _looped_gradient_squares(model, loss, batch, params, spec) -> Tensor:

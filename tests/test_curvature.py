@@ -487,9 +487,55 @@ def test_per_case_gradient_squares_match_a_loop_over_cases(problem, loss_name):
 def test_per_case_gradient_squares_in_chunks(monkeypatch):
     torch.manual_seed(8)
     model, batch = mlp_problem("softmax_ce")
+    monkeypatch.setattr(curvature, "_linear_gradient_squares", lambda *args: None)  # the vmap path
     monkeypatch.setattr(curvature, "PER_CASE_GRADIENT_ELEMENTS", 1)  # one case per vmap call
     expected = per_case_squares_by_loop(model, LOSSES["softmax_ce"], batch)
     torch.testing.assert_close(per_case_gradient_squares(model, LOSSES["softmax_ce"], batch), expected)
+
+
+class SharedLayer(nn.Module):
+    """One Linear applied twice: its per-case gradients are not δ_i a_iᵀ of one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(INPUTS, INPUTS)
+
+    def forward(self, x):
+        return self.layer(torch.tanh(self.layer(x)))[:, :OUTPUTS]
+
+
+class CenteredMLP(nn.Module):
+    """Subtracts the batch mean first, so the cases interact and a one-case vmap sees another function."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(INPUTS, OUTPUTS)
+
+    def forward(self, x):
+        return self.layer(x - x.mean(0))
+
+
+def test_per_case_gradient_squares_in_one_backward_pass_where_the_linear_layers_allow():
+    """The one-backward way, (δ²)ᵀ(a²) per nn.Linear, against a loop over cases; it steps aside (vmap) for a
+    layer called twice, and after its check against vmap for a model whose cases interact."""
+    torch.manual_seed(9)
+    model, batch = mlp_problem("mse")
+    params = curvature.trainable_parameters(model)
+    fast = curvature._linear_gradient_squares(model, LOSSES["mse"], batch, params, curvature.ParamSpec(params))
+    torch.testing.assert_close(fast / batch.size**2, per_case_squares_by_loop(model, LOSSES["mse"], batch))
+    assert curvature._LINEAR_SQUARES_CHECKED.get(model) is None
+    torch.testing.assert_close(per_case_gradient_squares(model, LOSSES["mse"], batch), fast / batch.size**2)
+    assert curvature._LINEAR_SQUARES_CHECKED[model] is True
+    shared = SharedLayer().double()
+    params = curvature.trainable_parameters(shared)
+    assert curvature._linear_gradient_squares(shared, LOSSES["mse"], batch, params,
+                                              curvature.ParamSpec(params)) is None
+    torch.testing.assert_close(per_case_gradient_squares(shared, LOSSES["mse"], batch),
+                               per_case_squares_by_loop(shared, LOSSES["mse"], batch))
+    centered = CenteredMLP().double()
+    vmapped = per_case_squares_by_loop(centered, LOSSES["mse"], batch)
+    torch.testing.assert_close(per_case_gradient_squares(centered, LOSSES["mse"], batch), vmapped)
+    assert curvature._LINEAR_SQUARES_CHECKED[centered] is False
 
 
 def test_martens_preconditioner_closed_form():
