@@ -7,6 +7,8 @@ cd "$(dirname "$0")/../.."
 OUT=evidence/bdhf_2026-12-01
 export HFRUN_DATASETS=${REAL:?set REAL to a directory holding mnist/}
 COMMON="run.threads=1 logger.progress=false run.max_updates=1000000 seed=1"
+# These runs predate solver.cut_products (2026-12-02): BDHF then took full products masked to each block.
+AS_THEN="solver.cut_products=false"
 one() {  # name overrides...
   local name=$1; shift
   rm -rf "${OUT:?}/$name"
@@ -29,10 +31,10 @@ write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=10000, seed=3
   # 1. the MNIST deep autoencoder: HF and BDHF 1,800 s (run for 600 s, then resumed with
   #    run.max_seconds=1800 run.resume=<dir>, which continues exactly), Adam 600 s
   one ae_hf solver=hf task=mnist_autoencoder run.max_seconds=1800 run.eval_every=5
-  one ae_bdhf solver=bdhf task=mnist_autoencoder run.max_seconds=1800 run.eval_every=5
+  one ae_bdhf solver=bdhf $AS_THEN task=mnist_autoencoder run.max_seconds=1800 run.eval_every=5
   # 3. the 3-layer LSTM on sequential MNIST, 300 s each
-  one lstm_bdhf solver=bdhf task=seqmnist7 run.max_seconds=300 run.eval_every=5
-  one cifar_resnet_bdhf solver=bdhf task=cifar10 model=resnet task.data_dir=$STANDIN task.verify=false \
+  one lstm_bdhf solver=bdhf $AS_THEN task=seqmnist7 run.max_seconds=300 run.eval_every=5
+  one cifar_resnet_bdhf solver=bdhf $AS_THEN task=cifar10 model=resnet task.data_dir=$STANDIN task.verify=false \
     task.eval_size=1000 run.max_updates=1 run.eval_every=1
 ) &
 (
@@ -40,7 +42,8 @@ write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=10000, seed=3
   # 2. the curvature batch: HF and BDHF on the autoencoder at 100, 300, 1000, 3000 cases, 120 s each
   for size in 100 300 1000 3000; do
     for solver in hf bdhf; do
-      one curv${size}_$solver solver=$solver task=mnist_autoencoder solver.curvature_batch_size=$size \
+      one curv${size}_$solver solver=$solver $([ $solver = bdhf ] && echo "$AS_THEN") task=mnist_autoencoder \
+        solver.curvature_batch_size=$size \
         run.max_seconds=120 run.eval_every=5
     done
   done
