@@ -188,16 +188,14 @@ class BlockDiagonalHF(HessianFree):
         self.masks = torch.stack([(self.block_index == b).to(reference.dtype) for b in range(self.num_blocks)])
         self.positions = [torch.nonzero(self.block_index == b).squeeze(1) for b in range(self.num_blocks)]
         self.batched_products, self.cut_products = bool(batched_products), bool(cut_products)
-        self.block_damping = block_damping
         self.block_levenberg_marquardt = ([LevenbergMarquardt(self.damping, self.levenberg_marquardt.minimum,
                                                               self.damping_max) for _ in range(self.num_blocks)]
                                           if block_damping == "per_block" else None)
         self.block_ratios: list[float | None] = [None] * self.num_blocks  # ρ_b at the last update (None: not judged)
-        log.info("BDHF blocks (%d), %s, %s λ%s: %s", self.num_blocks,
+        log.info("BDHF blocks (%d), %s, %s: %s", self.num_blocks,
                  "each differentiated alone (cut_products)" if self.cut_products else
                  "full products masked to each block" + (", vmapped" if self.batched_products else ""),
-                 "a" if block_damping == "per_block" else "one shared",
-                 " per block" if block_damping == "per_block" else "",
+                 "a λ per block" if block_damping == "per_block" else "one shared λ",
                  "; ".join(f"{block}: {', '.join(members)}" for block, members in self.partition.items()))
 
     # ------------------------------------------------------------ damping
