@@ -243,6 +243,18 @@ def test_per_block_damping_adapts_each_lambda_on_its_own_ratio():
         torch.testing.assert_close(found, optimum, rtol=1e-6, atol=1e-7)
 
 
+def test_per_block_damping_reuses_the_undamped_ratio_product():
+    """With rho_model=undamped, the per-block ratios take their q_b from the product the assembled ρ computed:
+    an update makes as many block products as with one shared λ (before, one block-diagonal product more)."""
+    model, batch = separable_problem()
+    products = {}
+    for damping in ("shared", "per_block"):
+        solver = BlockDiagonalHF(copy.deepcopy(model), SquaredError(), gradient_batch_size=400, cg_max_iters=3,
+                                 cg_tol=0.0, rho_model="undamped", cut_products=True, block_damping=damping)
+        products[damping] = [solver.step(FullBatch(batch))["examples_curv"] for _ in range(2)]
+    assert products["per_block"] == products["shared"]
+
+
 def test_per_block_ratios_against_a_hand_computed_one():
     """A nonlinear net where the assembled step goes uphill (ρ = −∞: a shared λ would rise) while each block's
     own step goes down: every λ_b moves by the rule applied to its ρ_b, computed here by hand from

@@ -17,7 +17,7 @@ Damping (`block_damping`):
   - "per_block": a λ_b per block (it needs `cut_products`), each adapted by the same rule on its own ratio
     ρ_b = (f(θ + P_b d) − f(θ)) / q_b(P_b d), with q_b the block's quadratic model, g_bᵀd_b + ½ d_bᵀA_bb d_b,
     at the chosen direction d (after backtracking). It costs K forward passes on the backtracking batch and
-    one block-diagonal product per update. A block where d is zero keeps its λ_b. Martens' preconditioner
+    one block-diagonal product per update (none with `rho_model: undamped`: it reuses the ratio's product). A block where d is zero keeps its λ_b. Martens' preconditioner
     takes each coordinate's λ_b. The statistics give `lambda` as the geometric mean of the λ_b, with
     `lambda_min` and `lambda_max`, and `rho_min`, `rho_max` over the blocks judged (`rho` stays the
     assembled direction's); the run stalls when every block judged is stuck at `damping_max`.
@@ -239,15 +239,14 @@ class BlockDiagonalHF(HessianFree):
         return dampings[self.block_index] + self.weight_cost
 
     def _adapt_damping(self, rho: float, theta: Tensor, direction: Tensor, gradient: Tensor, damped_curvature,
-                       batch: list, objective_before: float) -> None:
-        """Shared: HF's rule on the assembled ρ. Per block: each λ_b by the same rule on ρ_b (module docstring)."""
+                       undamped_curvature_direction: Tensor | None, batch: list, objective_before: float) -> None:
+        """Shared: HF's rule on the assembled ρ. Per block: each λ_b by the same rule on ρ_b (module docstring),
+        its q_b from the undamped A d that HF's ρ computed, or from one damped block-diagonal product."""
         if self.block_levenberg_marquardt is None:
             self.levenberg_marquardt.update(rho)
             return
-        if self.rho_model == "undamped":
-            damped_curvature.set_damping(0.0)
-        curvature_direction = damped_curvature(direction)
-        damped_curvature.set_damping(self._product_damping())
+        curvature_direction = (damped_curvature(direction) if undamped_curvature_direction is None
+                               else undamped_curvature_direction)
         per_block = torch.zeros(self.num_blocks, dtype=direction.dtype, device=direction.device)
         model_reductions = per_block.index_add(0, self.block_index,
                                                direction * (gradient + 0.5 * curvature_direction)).tolist()

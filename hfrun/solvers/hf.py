@@ -191,14 +191,16 @@ class HessianFree:
         objective_before = (loss_before if backtrack_batch is gradient_batch
                             else self.objective.value(theta, backtrack_batch))
         chosen_iter, direction, objective_after = self._backtrack(theta, cg.iterates, backtrack_batch)
-        model_reduction = cg.q_values[chosen_iter]
+        model_reduction, undamped_curvature_direction = cg.q_values[chosen_iter], None
         if self.rho_model == "undamped":
             damped_curvature.set_damping(0.0)  # drops both λI and μλ·G_S
-            model_reduction = quadratic_value(self._model_curvature(damped_curvature), gradient, direction)
+            model_reduction, undamped_curvature_direction = quadratic_value(
+                self._model_curvature(damped_curvature), gradient, direction)
             damped_curvature.set_damping(self._product_damping())
         rho = reduction_ratio(objective_before, objective_after, model_reduction)
         damping_used = self.damping
-        self._adapt_damping(rho, theta, direction, gradient, damped_curvature, backtrack_batch, objective_before)
+        self._adapt_damping(rho, theta, direction, gradient, damped_curvature, undamped_curvature_direction,
+                            backtrack_batch, objective_before)
         step_size, objective_final = armijo(
             lambda rate: self.objective.value(theta + rate * direction, backtrack_batch), objective_before,
             float(gradient.dot(direction)), objective_after, c=self.line_search_c, shrink=self.line_search_shrink,
@@ -247,8 +249,9 @@ class HessianFree:
         return self.damping + self.weight_cost
 
     def _adapt_damping(self, rho: float, theta: Tensor, direction: Tensor, gradient: Tensor, damped_curvature,
-                       batch: list, objective_before: float) -> None:
-        """λ by the Levenberg-Marquardt rule on ρ (block-diagonal HF may adapt a λ per block instead)."""
+                       undamped_curvature_direction: Tensor | None, batch: list, objective_before: float) -> None:
+        """λ by the Levenberg-Marquardt rule on ρ (block-diagonal HF may adapt a λ per block instead;
+        `undamped_curvature_direction` is the model's undamped A d where `rho_model: undamped` computed it)."""
         self.levenberg_marquardt.update(rho)
 
     def _solve(self, damped_curvature: ChunkedCurvature, gradient: Tensor, x0: Tensor | None,

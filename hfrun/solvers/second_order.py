@@ -163,9 +163,10 @@ class ChunkedCurvature:
         return self.reduce(self.local(v), v)
 
 
-def quadratic_value(curvature_product: Callable[[Tensor], Tensor], gradient: Tensor, d: Tensor) -> float:
-    """gᵀd + ½ dᵀA d for A given by its product; one product."""
-    return float(gradient.dot(d) + 0.5 * d.dot(curvature_product(d)))
+def quadratic_value(curvature_product: Callable[[Tensor], Tensor], gradient: Tensor, d: Tensor) -> tuple[float, Tensor]:
+    """(gᵀd + ½ dᵀA d, A d) for A given by its product; one product, returned for reuse."""
+    curvature_direction = curvature_product(d)
+    return float(gradient.dot(d) + 0.5 * d.dot(curvature_direction)), curvature_direction
 
 
 def reduction_ratio(before: float, after: float, model_reduction: float) -> float:
