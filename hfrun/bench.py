@@ -556,6 +556,49 @@ def peak_memory_mib(steps: int, what: str, jv_method: str = "traced", structural
     return float(result.stdout.split()[-1])
 
 
+BDHF_MEMORY_PROBE = """
+import resource, sys, torch
+from hfrun.allocator import keep_freed_memory
+from hfrun.losses import SigmoidCrossEntropy, SquaredError
+from hfrun.models.autoencoder import Autoencoder
+from hfrun.models.rnn import RNN
+from hfrun.solvers.bdhf import BlockDiagonalHF, BlockDiagonalProduct
+from hfrun.solvers.second_order import ChunkedCurvature
+from hfrun.tasks.base import Batch
+keep_freed_memory(); torch.set_flush_denormal(True); torch.manual_seed(0)
+problem, what, cases = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if problem == "autoencoder":
+    images = torch.rand(cases, 784)
+    model, loss, batch = Autoencoder(784), SigmoidCrossEntropy(), Batch(images, images)
+else:
+    model, loss = RNN(2, 1), SquaredError()
+    batch = Batch(torch.randn(cases, 100, 2), torch.randn(cases, 100, 1))
+solver = BlockDiagonalHF(model, loss, gradient_batch_size=cases, cut_products=what == "cut")
+v = torch.randn(len(solver.block_index))
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = peak()
+if what == "cut":
+    product = solver._damped_curvature([batch])
+else:
+    curvature = ChunkedCurvature(model, loss, [batch], damping=1.0)
+    product = curvature if what == "full" else BlockDiagonalProduct(curvature, solver.masks, batched=what == "batched")
+product(v)
+print(peak() - before)
+"""
+
+
+def bdhf_peak_memory_mib(problem: str, what: str, cases: int = 1000) -> float:
+    """Growth of the peak resident memory (MiB) of a fresh process over the set-up and one product: a full GGN
+    product, or BDHF's all-blocks product (vmapped, one block at a time, or cut: K operators holding their
+    primal values at once), on `cases` cases of the autoencoder or the tanh RNN-100 at T = 100."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", BDHF_MEMORY_PROBE, problem, what, str(cases)], capture_output=True,
+                            text=True, check=True)
+    return float(result.stdout.split()[-1])
+
+
 def memory_table(steps_list: tuple[int, ...] = (100, 200)) -> None:
     rows = [[str(steps), *(f"{peak_memory_mib(steps, what, method, 0.03):.0f}" for what, method in (
         ("gradient", "jvp"), ("setup", "traced"), ("product", "traced"), ("setup", "linearize"),
@@ -563,6 +606,12 @@ def memory_table(steps_list: tuple[int, ...] = (100, 200)) -> None:
     print_table("peak memory growth (MiB), tanh RNN-100, 1000 sequences, model.impl=analytic, structural damping",
                 ["T", "gradient", "set-up (traced)", "product (traced)", "set-up (linearize)", "product (linearize)",
                  "set-up (jvp)", "product (jvp)"], rows, left=0)
+    whats = ("full", "batched", "looped", "cut")
+    print_table("peak memory growth (MiB) over set-up and one product: a full GGN product against BDHF's all-blocks "
+                "product (a block per layer), 1000 cases",
+                ["model", "full GGN", "BDHF vmapped", "BDHF one block at a time", "BDHF cut"],
+                [[problem, *(f"{bdhf_peak_memory_mib(problem, what):.0f}" for what in whats)]
+                 for problem in ("autoencoder", "rnn")], left=0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -577,7 +626,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--updates", type=int, default=8, help="with --task: how many updates")
     parser.add_argument("--solver", default="hf", help="with --task: the solver config (hf, bdhf, sgn)")
     parser.add_argument("--memory", action="store_true",
-                        help="instead of the table: peak memory of a gradient, a set-up and a product, T = 100, 200")
+                        help="instead of the table: peak memory of a gradient, a set-up and a product, T = 100, 200, "
+                             "and of BDHF's all-blocks products")
     parser.add_argument("--data", metavar="TASK,TASK", help="instead of the table: one epoch of these data-set "
                         "tasks split into data handling and gradients (e.g. mnist,boston,sine_f10)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="with --data: config overrides "

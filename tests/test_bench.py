@@ -71,6 +71,11 @@ def test_memory_probe_reports_a_peak_for_each_kind_of_work():
         assert bench.peak_memory_mib(5, what, "jvp", 0.03) >= 0
 
 
+def test_bdhf_memory_probe_reports_a_peak_for_each_kind_of_product():
+    for what in ("batched", "cut"):  # "full" and "looped" take the batched branch
+        assert bench.bdhf_peak_memory_mib("autoencoder", what, cases=8) >= 0
+
+
 def test_data_table_splits_an_epoch_into_data_handling_and_gradients(tmp_path, capsys):
     write_idx_dataset(tmp_path / "mnist", train=300, test=50)
     rows = bench.data_table(("mnist", "sine_f10"), (f"task.data_dir={tmp_path}", "task.verify=false"), batch_size=100)
