@@ -17,10 +17,11 @@ Damping (`block_damping`):
   - "per_block": a λ_b per block (it needs `cut_products`), each adapted by the same rule on its own ratio
     ρ_b = (f(θ + P_b d) − f(θ)) / q_b(P_b d), with q_b the block's quadratic model, g_bᵀd_b + ½ d_bᵀA_bb d_b,
     at the chosen direction d (after backtracking). It costs K forward passes on the backtracking batch and
-    one block-diagonal product per update (none with `rho_model: undamped`: it reuses the ratio's product). A block where d is zero keeps its λ_b. Martens' preconditioner
-    takes each coordinate's λ_b. The statistics give `lambda` as the geometric mean of the λ_b, with
-    `lambda_min` and `lambda_max`, and `rho_min`, `rho_max` over the blocks judged (`rho` stays the
-    assembled direction's); the run stalls when every block judged is stuck at `damping_max`.
+    one block-diagonal product per update (none with `rho_model: undamped`: it reuses the ratio's product).
+    A block where d is zero keeps its λ_b. Martens' preconditioner takes each coordinate's λ_b. The
+    statistics give `lambda` as the geometric mean of the λ_b, with `lambda_min` and `lambda_max`, and
+    `rho_min`, `rho_max` over the blocks judged (`rho` stays the assembled direction's); the run stalls
+    when every block judged is stuck at `damping_max`.
 
 Blocks (`blocks`):
   - "layer" (default): one block per layer, its weight and bias together (the parameters of one
