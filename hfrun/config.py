@@ -31,9 +31,14 @@ def _by_protocol(protocol, release_value, hfrun_value):
     return release_value if protocol == "release" else hfrun_value
 
 
+def _at_least(value, threshold, then, otherwise):
+    """`then` where the number `value` is at least `threshold`, else `otherwise` (also for an unset value)."""
+    return then if isinstance(value, (int, float)) and value >= threshold else otherwise
+
+
 def register_resolvers() -> None:
     for name, resolver in (("hfrun_run_dir", _run_dir), ("hfrun_hydra_subdir", _hydra_subdir),
-                           ("hfrun_by_protocol", _by_protocol)):
+                           ("hfrun_by_protocol", _by_protocol), ("hfrun_at_least", _at_least)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

@@ -239,6 +239,16 @@ def _differences(saved, current, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}={saved!r} in the run, {current!r} now"]
 
 
+def _run_values(saved, current, prefix: str) -> list[str]:
+    """`key=value` overrides that give the command the run's own scalar values where they differ (e.g. a default
+    that changed since the run started)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [override for key in sorted(set(saved) & set(current))
+                for override in _run_values(saved[key], current[key], f"{prefix}.{key}")]
+    plain = isinstance(saved, (str, int, float, bool)) and not (isinstance(saved, str) and any(c in saved for c in " ,=[]{}$'\""))
+    return [f"{prefix}={saved}"] if saved != current and plain else []
+
+
 def _defaults_of_options_added_since(saved_group: dict, current_group: dict) -> dict:
     """{option: its constructor default} for the options the run's config lacks because hfrun gained them after
     the run started. An option is added with its constructor default equal to the behaviour before it existed,
@@ -272,17 +282,20 @@ def _resume_view(cfg: DictConfig, key: str, saved_group=None):
 
 def check_resume_matches(saved_yaml: str, cfg: DictConfig, path: Path) -> None:
     saved = OmegaConf.create(saved_yaml)
-    differences, predating = [], []
+    differences, predating, run_values = [], [], []
     for key in RESUME_MUST_MATCH:
         saved_view = _resume_view(saved, key)
         current_view = _resume_view(cfg, key, saved_view)
         differences += _differences(saved_view, current_view, key)
+        run_values += _run_values(saved_view, current_view, key)
         if isinstance(saved_view, dict) and isinstance(current_view, dict):
             predating += [f"{key}.{option}={default}" for option, default
                           in sorted(_defaults_of_options_added_since(saved_view, current_view).items())]
     if differences:
         hint = (f" The run predates an option it now differs in; it ran as {' '.join(predating)}, so add that "
-                "to the command." if predating else "")
+                "to the command." if predating else
+                f" To continue it with its own settings, add {' '.join(run_values)} to the command (a default "
+                "may have changed since it started)." if run_values and len(run_values) == len(differences) else "")
         raise HfrunError(f"The run in {path} was started with a different config than this command: "
                          f"{'; '.join(differences)}. Resume with the original task, model, solver, seed, dtype "
                          "and flush_denormal (the checkpoint holds them); only budgets such as run.max_updates "

@@ -42,6 +42,7 @@ input shapes would replay stale behaviour: use `solver.jv_method=jvp` for it.
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from collections import OrderedDict
 from typing import Callable, Hashable, Sequence
@@ -51,6 +52,8 @@ from torch import Tensor, fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
 from torch.func import functionalize
+
+log = logging.getLogger("hfrun.traced")
 
 MAX_TRACES_PER_MODEL = 256  # traces kept per model (least recently used dropped): one per batch shape, and with
                              # block-diagonal HF's cut products one per block and shape (e.g. 6 blocks × 20 lengths)
@@ -73,6 +76,33 @@ class TracedProduct:
 
     def product(self, cached: tuple[Tensor, ...], varying: Sequence[Tensor]) -> Tensor:
         return self.tangent(*cached, *varying)
+
+
+class CompiledTangent:
+    """The tangent half compiled by torch.compile's inductor at its first call, or, where compiling or the
+    compiled code fails (no C++ compiler, an op inductor cannot lower), the traced graph as it is, with one
+    warning: compiling only makes the same products faster, so its failure must not cost the trace."""
+
+    def __init__(self, tangent: fx.GraphModule):
+        self.eager, self.compiled = tangent, torch.compile(tangent, dynamic=False)
+        self.called = False
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        if not self.called:
+            self.called = True
+            log.info("jv_method=compiled: compiling the curvature product for a new batch shape (on a CPU about a "
+                     "minute for a 100-step RNN, once per shape in a run)")
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except torch.OutOfMemoryError:
+                raise  # the caller's to handle, as for the uncompiled product
+            except Exception as error:  # noqa: BLE001 - the uncompiled graph computes the same products
+                log.warning("jv_method=compiled: compiling the curvature product failed (%s: %s); its products run "
+                            "traced, uncompiled", type(error).__name__, str(error).splitlines()[0][:300] if str(error)
+                            else "")
+                self.compiled = None
+        return self.eager(*args)
 
 
 class TraceFailed(Exception):
@@ -122,7 +152,7 @@ def trace_product(function: Callable[..., tuple[Tensor, Tensor]], fixed: Sequenc
 
     `product` must be the only output that depends on `varying`; `primal_value` (e.g. the batch loss)
     must not, and comes back from `TracedProduct.prepare`. With `compile_tangent` the tangent half goes
-    through torch.compile's inductor (compiled at its first call).
+    through torch.compile's inductor (compiled at its first call; `CompiledTangent`).
     """
     graph_module = make_fx(function, tracing_mode="fake")(*fixed, *varying)
     if mutates(graph_module):  # e.g. native RNN kernels' decompositions: trace the graph again, functionalized
@@ -133,7 +163,7 @@ def trace_product(function: Callable[..., tuple[Tensor, Tensor]], fixed: Sequenc
     graph_module = merge_common_subexpressions(graph_module)
     traced = split_primal_tangent(graph_module, num_fixed=len(fixed))
     if compile_tangent:
-        traced.tangent = torch.compile(traced.tangent, dynamic=False)
+        traced.tangent = CompiledTangent(traced.tangent)
     return traced
 
 

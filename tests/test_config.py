@@ -43,5 +43,17 @@ def test_solver_batch_size_follows_task_hint_and_override_wins():
     assert compose_config("solver=sgd", "solver.batch_size=7").solver.batch_size == 7
 
 
+def test_pathological_products_are_compiled_only_where_a_run_meets_one_long_shape():
+    """Release definitions at T >= 100: one batch shape per run, long runs: compiled products. Shorter tasks, and
+    hfrun's definitions (a new length per batch, each a compilation), keep auto; the command line still wins."""
+    def method(*overrides):
+        return compose_config("solver=hf", *overrides).solver.jv_method
+    assert method("task=addition_T100") == method("task=xor_T200") == method("task=addition", "task.T=150") == "compiled"
+    assert method("task=addition_T50") == method("task=addition_T100", "task.protocol=hfrun") == "auto"
+    assert method("task=mnist") == "auto"
+    assert method("task=addition_T200", "solver.jv_method=traced") == "traced"
+    assert compose_config("solver=bdhf", "task=permutation_T100").solver.jv_method == "compiled"
+
+
 def test_command_line_model_beats_task_default():
     assert list(compose_config("model=mlp").model.hidden_sizes) == [256, 256]

@@ -248,6 +248,16 @@ def test_a_run_from_before_task_protocol_resumes_with_the_definition_it_ran_unde
     check_resume_matches(saved, make_config("solver=hf", "task=addition_T30", "task.protocol=hfrun"), tmp_path)
 
 
+def test_a_run_whose_default_changed_since_is_told_the_values_it_ran_with(make_config, tmp_path):
+    """A T = 100 run started before its products were compiled by default (solver.jv_method resolved to auto):
+    the refusal names the override that continues it with its own settings, and that override resumes it."""
+    saved = OmegaConf.to_yaml(make_config("solver=hf", "task=addition_T100", "solver.jv_method=auto"))
+    with pytest.raises(HfrunError, match=r"solver.jv_method='auto' in the run, 'compiled' now.*add "
+                                         r"solver.jv_method=auto to the command"):
+        check_resume_matches(saved, make_config("solver=hf", "task=addition_T100"), tmp_path)
+    check_resume_matches(saved, make_config("solver=hf", "task=addition_T100", "solver.jv_method=auto"), tmp_path)
+
+
 def test_a_bdhf_run_from_before_cut_products_resumes_with_full_products(make_config, tmp_path):
     cfg = make_config("solver=bdhf", *HF_SMALL, "run.device=cpu")
     saved = _config_before(cfg, "solver.cut_products", "solver.block_damping")

@@ -189,6 +189,34 @@ def test_split_keeps_the_primal_work_out_of_the_product():
         torch.testing.assert_close(traced_product.product(cached, [v, s]), s * torch.tanh(x @ w) * v)
 
 
+def test_a_failed_compilation_falls_back_to_the_uncompiled_trace(monkeypatch, caplog):
+    """jv_method=compiled where inductor cannot compile (no C++ compiler, an unsupported op): one warning, and the
+    products run on the traced graph, exact, not on jvp; the compilation is not tried again."""
+    attempts = []
+
+    def failing_compile(graph_module, **options):
+        def compiled(*args):
+            attempts.append(True)
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(traced.torch, "compile", failing_compile)
+    torch.manual_seed(29)
+    model, batch = analytic_rnn_problem("mse")
+    with caplog.at_level(logging.WARNING, logger="hfrun.traced"):
+        operator = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.5, structural_damping=0.3,
+                                     jv_method="compiled")
+        reference = CurvatureOperator(model, LOSSES["mse"], batch, damping=0.5, structural_damping=0.3,
+                                      jv_method="traced")
+        v = torch.randn(operator.num_params, dtype=torch.float64)
+        for _ in range(2):
+            torch.testing.assert_close(operator.mv(v), reference.mv(v), rtol=0, atol=0)
+    assert operator._traced is not None and len(attempts) == 1
+    assert [r.getMessage() for r in caplog.records].count(
+        "jv_method=compiled: compiling the curvature product failed (RuntimeError: InductorError: no working C++ "
+        "compiler found); its products run traced, uncompiled") == 1
+
+
 def test_compiled_products_match_dense():
     """jv_method=compiled: the tangent half through torch.compile's inductor (one tiny model: compiling
     takes seconds)."""

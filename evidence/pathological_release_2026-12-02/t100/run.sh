@@ -10,6 +10,10 @@ for spec in "$@"; do
   dir=$out/$task/s$seed
   if [ -e "$dir/summary.json" ] && grep -q '"solved": true' "$dir/summary.json"; then continue; fi
   if [ -e "$dir/checkpoints/last.pt" ]; then where="run.resume=$dir"; else where="hydra.run.dir=$dir"; fi
+  # runs started before T >= 100 products were compiled by default (2026-12-02) continue with their own method
+  if [ -e "$dir/.hydra/config.yaml" ] && ! grep -q hfrun_at_least "$dir/.hydra/config.yaml"; then
+    where="$where solver.jv_method=auto"
+  fi
   hfrun solver=hf task=${task}_T100 seed=$seed run.max_updates=100000 run.max_seconds=$cap run.eval_every=1 \
       run.checkpoint_every=5 run.threads=1 logger.progress=false $where
 done
