@@ -1,0 +1,17 @@
+#!/bin/bash
+# The first-order rows at T = 100 under the release's definitions: Adam (lr 1e-3) and momentum SGD (lr 0.01,
+# momentum 0.9), one minibatch per update (1000 sequences; 5-bit memorization's 32), up to UPDATES minibatches
+# (the budget HF needed on the same task, so the two are matched in M&S's unit), one thread per run, each run
+# resumable (run.resume) like run.sh's.
+# Usage: bash run_first_order.sh OUT UPDATES adam|sgd task:seed [task:seed ...]
+#   e.g. bash run_first_order.sh /tmp/t100fo 6000 adam addition:0 addition:1
+set -u
+out=$1; updates=$2; solver=$3; shift 3
+for spec in "$@"; do
+  task=${spec%%:*}; seed=${spec##*:}
+  dir=$out/$solver/$task/s$seed
+  if [ -e "$dir/summary.json" ] && grep -q '"solved": true' "$dir/summary.json"; then continue; fi
+  if [ -e "$dir/checkpoints/last.pt" ]; then where="run.resume=$dir"; else where="hydra.run.dir=$dir"; fi
+  hfrun solver=$solver task=${task}_T100 seed=$seed run.max_updates=$updates run.eval_every=50 \
+      run.checkpoint_every=500 run.threads=1 logger.progress=false $where
+done
