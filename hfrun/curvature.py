@@ -243,8 +243,8 @@ class CurvatureOperator:
         self._vjp_fn = None
         self._linearized = None
         self._traced = self._prepare_traced() if self.jv_method in TRACED_METHODS else None
-        if self._traced is not None:
-            self.jv_method_used = "compiled" if self.jv_method == "compiled" else "traced"
+        if self._traced is not None:  # compiled only where compiling worked (CompiledTangent)
+            self.jv_method_used = "compiled" if getattr(self._traced[0].tangent, "is_compiled", False) else "traced"
         else:
             self._cache_untraced()
 

@@ -13,12 +13,14 @@ import inspect
 import logging
 import math
 import os
+import shlex
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -239,14 +241,37 @@ def _differences(saved, current, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}={saved!r} in the run, {current!r} now"]
 
 
-def _run_values(saved, current, prefix: str) -> list[str]:
-    """`key=value` overrides that give the command the run's own scalar values where they differ (e.g. a default
-    that changed since the run started)."""
+def _shell_word(text: str) -> str:
+    """`text` as one shell word, readably: as it is, in double quotes, or (where those would not do) shlex's."""
+    if shlex.quote(text) == text:
+        return text
+    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
+
+
+def _run_values(saved, current, prefix: str) -> list[str] | None:
+    """`key=value` overrides, quoted for a shell, that give the command the run's own scalar values where they
+    differ (e.g. a default that changed since the run started); None where that cannot be said in overrides: a
+    different task, model or solver altogether (its `_target_` or `name` differs), or a value that Hydra would not
+    read back as itself."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        return [override for key in sorted(set(saved) & set(current))
-                for override in _run_values(saved[key], current[key], f"{prefix}.{key}")]
-    plain = isinstance(saved, (str, int, float, bool)) and not (isinstance(saved, str) and any(c in saved for c in " ,=[]{}$'\""))
-    return [f"{prefix}={saved}"] if saved != current and plain else []
+        overrides = []
+        for key in sorted(set(saved) & set(current)):
+            if key in ("_target_", "name") and saved[key] != current[key]:
+                return None
+            found = _run_values(saved[key], current[key], f"{prefix}.{key}")
+            if found is None:
+                return None
+            overrides += found
+        return overrides
+    if saved == current:
+        return []
+    for text in (f"{prefix}={saved}", f"{prefix}='{saved}'"):
+        try:
+            if OverridesParser.create().parse_override(text).value() == saved:
+                return [_shell_word(text)]
+        except Exception:  # noqa: BLE001 - Hydra's grammar refused it; try quoted, then give up
+            continue
+    return None
 
 
 def _defaults_of_options_added_since(saved_group: dict, current_group: dict) -> dict:
@@ -287,7 +312,8 @@ def check_resume_matches(saved_yaml: str, cfg: DictConfig, path: Path) -> None:
         saved_view = _resume_view(saved, key)
         current_view = _resume_view(cfg, key, saved_view)
         differences += _differences(saved_view, current_view, key)
-        run_values += _run_values(saved_view, current_view, key)
+        found = _run_values(saved_view, current_view, key)
+        run_values = None if found is None or run_values is None else run_values + found
         if isinstance(saved_view, dict) and isinstance(current_view, dict):
             predating += [f"{key}.{option}={default}" for option, default
                           in sorted(_defaults_of_options_added_since(saved_view, current_view).items())]

@@ -78,31 +78,44 @@ class TracedProduct:
         return self.tangent(*cached, *varying)
 
 
+_COMPILE_FAILED: list[str] = []  # why compiling failed in this process, once it has: later traces are not compiled
+
+
 class CompiledTangent:
-    """The tangent half compiled by torch.compile's inductor at its first call, or, where compiling or the
-    compiled code fails (no C++ compiler, an op inductor cannot lower), the traced graph as it is, with one
-    warning: compiling only makes the same products faster, so its failure must not cost the trace."""
+    """The tangent half compiled by torch.compile's inductor at its first call, or, where that first call fails
+    (no C++ compiler, an op inductor cannot lower), the traced graph as it is: compiling only makes the same
+    products faster, so its failure must not cost the trace. One warning per process, and no later trace tries
+    to compile again. Memory errors are not compile failures and reach the caller, as do errors of later calls
+    (the compiled code then exists)."""
 
     def __init__(self, tangent: fx.GraphModule):
-        self.eager, self.compiled = tangent, torch.compile(tangent, dynamic=False)
-        self.called = False
+        self.eager = tangent
+        self.compiled = None if _COMPILE_FAILED else torch.compile(tangent, dynamic=False)
+        self.first_call = True
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
 
     def __call__(self, *args: Tensor) -> Tensor:
-        if not self.called:
-            self.called = True
-            log.info("jv_method=compiled: compiling the curvature product for a new batch shape (on a CPU about a "
-                     "minute for a 100-step RNN, once per shape in a run)")
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except torch.OutOfMemoryError:
-                raise  # the caller's to handle, as for the uncompiled product
-            except Exception as error:  # noqa: BLE001 - the uncompiled graph computes the same products
-                log.warning("jv_method=compiled: compiling the curvature product failed (%s: %s); its products run "
-                            "traced, uncompiled", type(error).__name__, str(error).splitlines()[0][:300] if str(error)
-                            else "")
-                self.compiled = None
-        return self.eager(*args)
+        if self.compiled is None:
+            return self.eager(*args)
+        if not self.first_call:
+            return self.compiled(*args)
+        self.first_call = False
+        log.info("jv_method=compiled: compiling the curvature product for a new batch shape (on a CPU about a "
+                 "minute for a 100-step RNN, once per shape in a run)")
+        try:
+            return self.compiled(*args)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the uncompiled graph computes the same products
+            self.compiled = None
+            if not _COMPILE_FAILED:
+                _COMPILE_FAILED.append(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}")
+                log.warning("jv_method=compiled: compiling the curvature product failed (%s); products run traced, "
+                            "uncompiled, for the rest of this process", _COMPILE_FAILED[0])
+            return self.eager(*args)
 
 
 class TraceFailed(Exception):

@@ -53,6 +53,7 @@ def test_pathological_products_are_compiled_only_where_a_run_meets_one_long_shap
     assert method("task=mnist") == "auto"
     assert method("task=addition_T200", "solver.jv_method=traced") == "traced"
     assert compose_config("solver=bdhf", "task=permutation_T100").solver.jv_method == "compiled"
+    assert compose_config("solver=sgn", "task=permutation_T100").solver.jv_method == "compiled"
 
 
 def test_command_line_model_beats_task_default():

@@ -256,6 +256,20 @@ def test_a_run_whose_default_changed_since_is_told_the_values_it_ran_with(make_c
                                          r"solver.jv_method=auto to the command"):
         check_resume_matches(saved, make_config("solver=hf", "task=addition_T100"), tmp_path)
     check_resume_matches(saved, make_config("solver=hf", "task=addition_T100", "solver.jv_method=auto"), tmp_path)
+    for other_task in ("task=xor_T100", "task=addition_T200"):  # another task is not a changed default: no such hint
+        with pytest.raises(HfrunError) as refused:
+            check_resume_matches(saved, make_config("solver=hf", other_task, "solver.jv_method=auto"), tmp_path)
+        assert "To continue it with its own settings" not in str(refused.value)
+
+
+def test_the_resume_hint_gives_overrides_that_hydra_reads_back_as_the_run_values():
+    """Strings that Hydra would read as another type are quoted for Hydra, and the whole for the shell."""
+    from hfrun.engine import _run_values
+    saved = {"a": "true", "b": "1e-3", "c": "~/data dir", "d": 3, "e": "auto", "f": "auto"}
+    current = {"a": True, "b": 0.001, "c": "x", "d": 4, "e": "auto", "f": "traced"}
+    assert _run_values(saved, current, "solver") == [
+        "\"solver.a='true'\"", "\"solver.b='1e-3'\"", "\"solver.c='~/data dir'\"", "solver.d=3", "solver.f=auto"]
+    assert _run_values({"_target_": "A", "x": 1}, {"_target_": "B", "x": 2}, "task") is None
 
 
 def test_a_bdhf_run_from_before_cut_products_resumes_with_full_products(make_config, tmp_path):

@@ -55,6 +55,8 @@ class TanhRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, hidden_cotangent: Tensor | None, preactivation_cotangent: Tensor | None):
         weight, hidden = ctx.saved_tensors
+        if hidden_cotangent is None and preactivation_cotangent is None:
+            return None, None
         if hidden_cotangent is None:
             hidden_cotangent = torch.zeros_like(hidden)
         deltas = []
