@@ -103,8 +103,9 @@ class CompiledTangent:
         if not self.first_call:
             return self.compiled(*args)
         self.first_call = False
-        log.info("jv_method=compiled: compiling the curvature product for a new batch shape (on a CPU about a "
-                 "minute for a 100-step RNN, once per shape in a run)")
+        log.info("jv_method=compiled: compiling the curvature product for a new batch shape, once per shape (on a "
+                 "CPU about a minute for a 100-step RNN, several for 200 steps; inductor's cache on disk makes it "
+                 "seconds for later runs of the same shape)")
         try:
             return self.compiled(*args)
         except (torch.OutOfMemoryError, MemoryError):
