@@ -4,7 +4,7 @@
 # for HF, BDHF and Adam), the curvature batch sizes (120 s each, seed 1), the LSTM (300 s each), and what a CIFAR
 # ResNet update costs on stand-in files.
 #   REAL=/path/holding/mnist bash evidence/bdhf_cut_2026-12-02/run.sh lane1 &
-#   REAL=/path/holding/mnist bash evidence/bdhf_cut_2026-12-02/run.sh lane2 &
+#   REAL=/path/holding/mnist bash evidence/bdhf_cut_2026-12-02/run.sh lane2 && REAL=... bash ... run.sh lane3 &
 # Tables: python evidence/bdhf_cut_2026-12-02/table.py (from each run's metrics.jsonl and summary.json).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +18,7 @@ one() {  # name seed overrides...
   .venv/bin/hfrun $COMMON seed=$seed "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.out" 2>&1 || echo "run $name exited $?"
 }
 AE="task=mnist_autoencoder run.max_seconds=1800"
-case ${1:?lane1 or lane2} in
+case ${1:?lane1, lane2 or lane3} in
   lane1)
     one ae_hf_s1 1 solver=hf $AE run.eval_every=5
     one ae_bdhf_s2 2 solver=bdhf $AE run.eval_every=5
@@ -48,4 +48,11 @@ write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=10000, seed=3
     one cifar_resnet_hf_s1 1 solver=hf $C run.max_updates=2 run.eval_every=2
     one cifar_resnet_adam_s1 1 solver=adam $C run.max_updates=20 run.eval_every=20
     rm -rf "$STANDIN" ;;
+  lane3)  # after lane2: the curvature batch sizes again, seed 2
+    for size in 100 300 1000 3000; do
+      for solver in hf bdhf; do
+        one curv${size}_${solver}_s2 2 solver=$solver task=mnist_autoencoder solver.curvature_batch_size=$size \
+          run.max_seconds=120 run.eval_every=5
+      done
+    done ;;
 esac
