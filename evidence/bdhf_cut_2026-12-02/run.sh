@@ -18,17 +18,20 @@ one() {  # name seed overrides...
   .venv/bin/hfrun $COMMON seed=$seed "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.out" 2>&1 || echo "run $name exited $?"
 }
 AE="task=mnist_autoencoder run.max_seconds=1800"
+curvature_batches() {  # seed: HF and BDHF on the autoencoder at each curvature batch size, 120 s each
+  for size in 100 300 1000 3000; do
+    for solver in hf bdhf; do
+      one curv${size}_${solver}_s$1 $1 solver=$solver task=mnist_autoencoder solver.curvature_batch_size=$size \
+        run.max_seconds=120 run.eval_every=5
+    done
+  done
+}
 case ${1:?lane1, lane2 or lane3} in
   lane1)
     one ae_hf_s1 1 solver=hf $AE run.eval_every=5
     one ae_bdhf_s2 2 solver=bdhf $AE run.eval_every=5
     one ae_adam_s2 2 solver=adam $AE run.eval_every=100
-    for size in 100 300 1000 3000; do
-      for solver in hf bdhf; do
-        one curv${size}_${solver}_s1 1 solver=$solver task=mnist_autoencoder solver.curvature_batch_size=$size \
-          run.max_seconds=120 run.eval_every=5
-      done
-    done ;;
+    curvature_batches 1 ;;
   lane2)
     one ae_bdhf_s1 1 solver=bdhf $AE run.eval_every=5
     one ae_adam_s1 1 solver=adam $AE run.eval_every=100
@@ -49,10 +52,5 @@ write_cifar_dataset(Path('$STANDIN') / 'cifar10', records_per_file=10000, seed=3
     one cifar_resnet_adam_s1 1 solver=adam $C run.max_updates=20 run.eval_every=20
     rm -rf "$STANDIN" ;;
   lane3)  # after lane2: the curvature batch sizes again, seed 2
-    for size in 100 300 1000 3000; do
-      for solver in hf bdhf; do
-        one curv${size}_${solver}_s2 2 solver=$solver task=mnist_autoencoder solver.curvature_batch_size=$size \
-          run.max_seconds=120 run.eval_every=5
-      done
-    done ;;
+    curvature_batches 2 ;;
 esac
