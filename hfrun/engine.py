@@ -234,11 +234,14 @@ class _Absent:
 ABSENT = _Absent()
 
 
-def _differences(saved, current, prefix: str) -> list[str]:
+def _differing_leaves(saved, current, prefix: str):
+    """(key, the run's value, the current value) for every leaf where the two plain configs differ; a key that
+    one side lacks has ABSENT there."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        return [line for key in sorted(set(saved) | set(current))
-                for line in _differences(saved.get(key, ABSENT), current.get(key, ABSENT), f"{prefix}.{key}")]
-    return [] if saved == current else [f"{prefix}={saved!r} in the run, {current!r} now"]
+        for key in sorted(set(saved) | set(current)):
+            yield from _differing_leaves(saved.get(key, ABSENT), current.get(key, ABSENT), f"{prefix}.{key}")
+    elif saved != current:
+        yield prefix, saved, current
 
 
 def _shell_word(text: str) -> str:
@@ -248,30 +251,29 @@ def _shell_word(text: str) -> str:
     return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
 
 
-def _run_values(saved, current, prefix: str) -> list[str] | None:
-    """`key=value` overrides, quoted for a shell, that give the command the run's own scalar values where they
-    differ (e.g. a default that changed since the run started); None where that cannot be said in overrides: a
-    different task, model or solver altogether (its `_target_` or `name` differs), or a value that Hydra would not
-    read back as itself."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        overrides = []
-        for key in sorted(set(saved) & set(current)):
-            if key in ("_target_", "name") and saved[key] != current[key]:
-                return None
-            found = _run_values(saved[key], current[key], f"{prefix}.{key}")
-            if found is None:
-                return None
-            overrides += found
-        return overrides
-    if saved == current:
-        return []
-    for text in (f"{prefix}={saved}", f"{prefix}='{saved}'"):
+def _run_value_override(key: str, saved, current) -> str | None:
+    """`key=saved`, quoted for a shell, if Hydra reads it back as exactly the run's value; else None (also where
+    either side lacks the key: a plain override cannot add or remove one)."""
+    if saved is ABSENT or current is ABSENT:
+        return None
+    for text in (f"{key}={saved}", f"{key}='{saved}'"):
         try:
             if OverridesParser.create().parse_override(text).value() == saved:
-                return [_shell_word(text)]
+                return _shell_word(text)
         except Exception:  # noqa: BLE001 - Hydra's grammar refused it; try quoted, then give up
             continue
     return None
+
+
+def _run_values(leaves: list[tuple]) -> list[str] | None:
+    """Overrides that give the command the run's own values at every differing leaf (e.g. a default that changed
+    since the run started); None where that cannot be said in overrides: a different task, model or solver
+    altogether (its `_target_` or `name` differs), a key only one side has, or a value Hydra would not read back
+    as itself."""
+    if any(key.rsplit(".", 1)[-1] in ("_target_", "name") for key, _, _ in leaves):
+        return None
+    overrides = [_run_value_override(key, saved, current) for key, saved, current in leaves]
+    return None if None in overrides else overrides
 
 
 def _defaults_of_options_added_since(saved_group: dict, current_group: dict) -> dict:
@@ -307,21 +309,21 @@ def _resume_view(cfg: DictConfig, key: str, saved_group=None):
 
 def check_resume_matches(saved_yaml: str, cfg: DictConfig, path: Path) -> None:
     saved = OmegaConf.create(saved_yaml)
-    differences, predating, run_values = [], [], []
+    leaves, predating = [], []
     for key in RESUME_MUST_MATCH:
         saved_view = _resume_view(saved, key)
         current_view = _resume_view(cfg, key, saved_view)
-        differences += _differences(saved_view, current_view, key)
-        found = _run_values(saved_view, current_view, key)
-        run_values = None if found is None or run_values is None else run_values + found
+        leaves += _differing_leaves(saved_view, current_view, key)
         if isinstance(saved_view, dict) and isinstance(current_view, dict):
             predating += [f"{key}.{option}={default}" for option, default
                           in sorted(_defaults_of_options_added_since(saved_view, current_view).items())]
+    differences = [f"{key}={saved!r} in the run, {current!r} now" for key, saved, current in leaves]
+    run_values = _run_values(leaves)
     if differences:
         hint = (f" The run predates an option it now differs in; it ran as {' '.join(predating)}, so add that "
                 "to the command." if predating else
                 f" To continue it with its own settings, add {' '.join(run_values)} to the command (a default "
-                "may have changed since it started)." if run_values and len(run_values) == len(differences) else "")
+                "may have changed since it started)." if run_values else "")
         raise HfrunError(f"The run in {path} was started with a different config than this command: "
                          f"{'; '.join(differences)}. Resume with the original task, model, solver, seed, dtype "
                          "and flush_denormal (the checkpoint holds them); only budgets such as run.max_updates "

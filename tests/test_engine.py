@@ -264,12 +264,18 @@ def test_a_run_whose_default_changed_since_is_told_the_values_it_ran_with(make_c
 
 def test_the_resume_hint_gives_overrides_that_hydra_reads_back_as_the_run_values():
     """Strings that Hydra would read as another type are quoted for Hydra, and the whole for the shell."""
-    from hfrun.engine import _run_values
+    from hfrun.engine import _differing_leaves, _run_values
+
+    def run_values(saved, current, prefix):
+        return _run_values(list(_differing_leaves(saved, current, prefix)))
+
     saved = {"a": "true", "b": "1e-3", "c": "~/data dir", "d": 3, "e": "auto", "f": "auto"}
     current = {"a": True, "b": 0.001, "c": "x", "d": 4, "e": "auto", "f": "traced"}
-    assert _run_values(saved, current, "solver") == [
+    assert run_values(saved, current, "solver") == [
         "\"solver.a='true'\"", "\"solver.b='1e-3'\"", "\"solver.c='~/data dir'\"", "solver.d=3", "solver.f=auto"]
-    assert _run_values({"_target_": "A", "x": 1}, {"_target_": "B", "x": 2}, "task") is None
+    assert run_values({"_target_": "A", "x": 1}, {"_target_": "B", "x": 2}, "task") is None
+    assert run_values({"x": 1, "y": 2}, {"x": 2}, "task") is None  # a key the command lacks: no plain override
+    assert run_values({"x": 1}, {"x": 2, "y": 2}, "task") is None
 
 
 def test_a_bdhf_run_from_before_cut_products_resumes_with_full_products(make_config, tmp_path):
