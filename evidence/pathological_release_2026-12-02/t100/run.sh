@@ -3,10 +3,12 @@
 # a time on the 2-core machine. Each run has a wall-clock cap (CAP seconds, cumulative over resumes); a run the
 # cap stopped is continued exactly by running this again with a larger CAP (it resumes from checkpoints/last.pt).
 # Usage: bash run.sh OUT CAP task:seed [task:seed ...]     e.g.  bash run.sh /tmp/t100 3600 addition:0 xor:1
+# A task named with its length (addition_T200:0) runs at that length; a bare name runs at T = 100.
 set -u
 out=$1; cap=$2; shift 2
 for spec in "$@"; do
   task=${spec%%:*}; seed=${spec##*:}
+  case $task in *_T*) config=$task ;; *) config=${task}_T100 ;; esac
   dir=$out/$task/s$seed
   if [ -e "$dir/summary.json" ] && grep -q '"solved": true' "$dir/summary.json"; then continue; fi
   if [ -e "$dir/checkpoints/last.pt" ]; then where="run.resume=$dir"; else where="hydra.run.dir=$dir"; fi
@@ -14,6 +16,6 @@ for spec in "$@"; do
   if [ -e "$dir/.hydra/config.yaml" ] && ! grep -q hfrun_at_least "$dir/.hydra/config.yaml"; then
     where="$where solver.jv_method=auto"
   fi
-  hfrun solver=hf task=${task}_T100 seed=$seed run.max_updates=100000 run.max_seconds=$cap run.eval_every=1 \
+  hfrun solver=hf task=$config seed=$seed run.max_updates=100000 run.max_seconds=$cap run.eval_every=1 \
       run.checkpoint_every=5 run.threads=1 logger.progress=false $where
 done
