@@ -1,26 +1,53 @@
-"""The README's T = 100 table from the runs' summaries (kept in git):
-    python evidence/pathological_release_2026-12-02/t100/table.py"""
+"""The README's T = 100 tables from the runs' summaries (kept in git):
+    python evidence/pathological_release_2026-12-02/t100/table.py
+HF runs are in t100/<task>/s<seed> (addition_T200 among them); the first-order rows in ../t100fo/<solver>/<task>/s<seed>."""
 import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
-MS2011 = {  # M&S 2011 Figure 3, T = 100, with structural damping: failure rate, mean k-minibatches to success
+FIRST_ORDER = HERE.parent / "t100fo"
+MS2011 = {  # M&S 2011 Figure 3 with structural damping: failure rate, mean k-minibatches to success (T = 100 unless named)
     "addition": (0, 3.7), "multiplication": (0, 9.1), "temporal_order": (0.25, 3.8), "temporal_order3": (0, 13.3),
-    "permutation": (0, 3.5), "xor": (0.75, 10.5), "memorization5": (0, 3.0), "memorization20": (0, 13.5)}
+    "permutation": (0, 3.5), "xor": (0.75, 10.5), "memorization5": (0, 3.0), "memorization20": (0, 13.5),
+    "addition_T200": (0.25, 10.0)}
 
 
-def main() -> None:
-    print("| task, T = 100 | seed | status | k-minibatches | updates | held-out error | seconds | M&S 2011: failed, k-minibatches |")
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _k_minibatches(summary: dict) -> str:
+    unit = "" if summary.get("minibatch_size", 1000) == 1000 else f" (of {summary['minibatch_size']})"
+    return f"{summary['minibatches'] / 1000:.2f}{unit}"
+
+
+def hf_table() -> None:
+    print("| task | seed | status | k-minibatches | updates | held-out error | seconds | M&S 2011: failed, k-minibatches |")
     print("|---|---|---|---|---|---|---|---|")
-    for task in MS2011:
+    for task, (failed, k) in MS2011.items():
         for run in sorted((HERE / task).glob("s*")):
-            summary = json.loads((run / "summary.json").read_text())
-            failed, k = MS2011[task]
-            unit = "" if summary.get("minibatch_size", 1000) == 1000 else f" (of {summary['minibatch_size']})"
-            print(f"| {task} | {run.name[1:]} | {summary['status']} | {summary['minibatches'] / 1000:.2f}{unit} | "
+            summary = _summary(run)
+            print(f"| {task} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
                   f"{summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
                   f"{failed:g}, {k} |")
 
 
+def first_order_table() -> None:
+    print("| task, T = 100 | solver | seed | status | k-minibatches | held-out error | seconds | HF, same seed: status, k-minibatches |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task in MS2011:
+        for solver in ("adam", "sgd"):
+            for run in sorted((FIRST_ORDER / solver / task).glob("s*")):
+                summary = _summary(run)
+                hf_run = HERE / task / run.name
+                hf = (f"{_summary(hf_run)['status']}, {_k_minibatches(_summary(hf_run))}"
+                      if (hf_run / "summary.json").exists() else "not run")
+                print(f"| {task} | {solver} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
+                      f"{summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | {hf} |")
+
+
 if __name__ == "__main__":
-    main()
+    hf_table()
+    if FIRST_ORDER.exists():
+        print()
+        first_order_table()
