@@ -62,8 +62,17 @@ def test_reference_update_solves_least_squares_with_enough_cg_steps():
 
 def test_rnn_gradient_table_holds_each_implementation_against_the_plain_loop(capsys):
     ratios = bench.rnn_gradient_table(torch.device("cpu"), 0.005, repeats=1)
-    assert ratios["plain loop"] == 1.0 and all(r > 0 for r in ratios.values())
+    assert ratios["plain loop"] == ratios["plain loop, with pre-activations"] == 1.0
+    assert all(r > 0 for r in ratios.values())
     assert "analytic, with pre-activations" in capsys.readouterr().out
+
+
+def test_the_plain_loop_yardstick_returns_the_pre_activations_of_its_outputs():
+    torch.manual_seed(0)
+    plain, inputs = bench.PlainLoopRNN(2, 5, 1), torch.randn(3, 4, 2)
+    outputs, preactivations = plain.forward_with_preactivations(inputs)
+    assert torch.allclose(outputs, plain.readout(torch.tanh(preactivations)))
+    assert torch.allclose(preactivations[:, 0], plain.input_layer(inputs[:, 0]))  # h_0 = 0
 
 
 def test_memory_probe_reports_a_peak_for_each_kind_of_work():
