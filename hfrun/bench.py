@@ -77,7 +77,9 @@ class FixedBatch:
         return self.batch
 
 
-def workloads(device: torch.device, scale: float) -> list[Workload]:
+def workloads(device: torch.device, scale: float, compiled: bool = True) -> list[Workload]:
+    """The table's rows. `compiled` adds the analytic RNN's rows with compiled products (the pathological tasks'
+    default at T >= 100), whose first set-up compiles for about a minute on a CPU."""
     def n(size: int) -> int:
         return max(2, int(size * scale))
 
@@ -102,10 +104,10 @@ def workloads(device: torch.device, scale: float) -> list[Workload]:
     rows.append(Workload("tanh RNN-100 T100 B1000, loop", rnn_loop, SquaredError(), rnn_batch, "traced"))
     rnn_analytic = RNN(2, 1, impl="analytic").to(device)
     rnn_analytic.load_state_dict(rnn_loop.state_dict())
-    for jv_method in ("traced", "linearize", "jvp", "double_vjp"):
+    for jv_method in ("traced", "linearize", "jvp", "double_vjp") + ("compiled",) * compiled:
         rows.append(Workload("tanh RNN-100 T100 B1000, analytic", rnn_analytic, SquaredError(), rnn_batch,
                              jv_method))
-    for jv_method in ("traced", "jvp"):  # the pathological tasks' setting, μ = 0.03
+    for jv_method in ("traced", "jvp") + ("compiled",) * compiled:  # the pathological tasks' setting, μ = 0.03
         rows.append(Workload("tanh RNN-100 T100 B1000, analytic, structural damping", rnn_analytic, SquaredError(),
                              rnn_batch, jv_method, structural_damping=0.03))
     # The reference the RNN rows are held against: the plain loop a user would write, under autograd.
@@ -641,6 +643,8 @@ def main(argv: list[str] | None = None) -> None:
                         "tasks split into data handling and gradients (e.g. mnist,boston,sine_f10)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="with --data: config overrides "
                         "for every task (e.g. task.verify=false)")
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="the table's rows with compiled products (about a minute each to compile on a CPU)")
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave glibc's malloc as it is (runs set run.keep_freed_memory=true), to measure that")
     args = parser.parse_args(argv)
@@ -665,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
     columns = ["grad_ms", "gvp_ms", "gvp/grad", "cg_iter_ms", "cg_overhead", "setup_ms", "trace_ms", "hf10_ms",
                "peer10_ms", "hf10/peer", "hf_cg_iters"]
     rows = []
-    for workload in workloads(device, args.scale):
+    for workload in workloads(device, args.scale, args.compiled):
         row = measure(workload, device, args.repeats)
         rows.append([f"{workload.name} ({row['jv_method_used']})", *(f"{row[c]:.1%}" if c == "cg_overhead" else
                                                                      f"{row[c]:.2f}" if "/" in c else
