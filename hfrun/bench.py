@@ -129,7 +129,11 @@ class PlainLoopRNN(nn.Module):
         self.readout = nn.Linear(hidden, outputs)
 
     def forward(self, x):
-        return self.forward_with_preactivations(x)[0]
+        hidden, outputs = x.new_zeros(x.shape[0], self.hidden_size), []
+        for x_t in x.unbind(1):
+            hidden = torch.tanh(self.input_layer(x_t) + self.recurrent(hidden))
+            outputs.append(self.readout(hidden))
+        return torch.stack(outputs, dim=1)
 
     def forward_with_preactivations(self, x):
         """(z, a): outputs (B, L, O) and the pre-activations a_t = W_ih x_t + W_hh h_{t−1} + b (B, L, H)."""

@@ -254,9 +254,10 @@ def _shell_word(text: str) -> str:
 def _run_value_override(key: str, saved, current) -> str | None:
     """`key=saved`, quoted for a shell, if Hydra reads it back as exactly the run's value; else None (also where
     either side lacks the key: a plain override cannot add or remove one)."""
-    if saved is ABSENT or current is ABSENT:
+    if saved is ABSENT or current is ABSENT or "${" in str(saved):  # ${...} would be resolved, not kept
         return None
-    for text in (f"{key}={saved}", f"{key}='{saved}'"):
+    written = "null" if saved is None else saved
+    for text in (f"{key}={written}", f"{key}='{written}'"):
         try:
             if OverridesParser.create().parse_override(text).value() == saved:
                 return _shell_word(text)
@@ -270,7 +271,7 @@ def _run_values(leaves: list[tuple]) -> list[str] | None:
     since the run started); None where that cannot be said in overrides: a different task, model or solver
     altogether (its `_target_` or `name` differs), a key only one side has, or a value Hydra would not read back
     as itself."""
-    if any(key.rsplit(".", 1)[-1] in ("_target_", "name") for key, _, _ in leaves):
+    if any(part in ("_target_", "name") for key, _, _ in leaves for part in key.split(".")):
         return None
     overrides = [_run_value_override(key, saved, current) for key, saved, current in leaves]
     return None if None in overrides else overrides

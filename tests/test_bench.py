@@ -60,11 +60,18 @@ def test_reference_update_solves_least_squares_with_enough_cg_steps():
     assert value == pytest.approx(float(optimum), rel=1e-8)
 
 
-def test_rnn_gradient_table_holds_each_implementation_against_the_plain_loop(capsys):
+def test_rnn_gradient_table_holds_each_implementation_against_the_plain_loop_doing_the_same_work(capsys,
+                                                                                                monkeypatch):
     ratios = bench.rnn_gradient_table(torch.device("cpu"), 0.005, repeats=1)
     assert ratios["plain loop"] == ratios["plain loop, with pre-activations"] == 1.0
     assert all(r > 0 for r in ratios.values())
     assert "analytic, with pre-activations" in capsys.readouterr().out
+    # Each row's time is the order it runs in a round (1, 2, ...): the ratios say which reference each row has.
+    calls = iter(range(1, 1000))
+    monkeypatch.setattr(bench, "elapsed_ms", lambda work, device: (work(), next(calls) % 6 or 6)[1])
+    ratios = bench.rnn_gradient_table(torch.device("cpu"), 0.005, repeats=1)
+    assert ratios == {"plain loop": 1, "plain loop, with pre-activations": 1, "analytic": 3,
+                      "analytic, with pre-activations": 2, "loop": 5, "loop, with pre-activations": 3}
 
 
 def test_the_plain_loop_yardstick_returns_the_pre_activations_of_its_outputs():
@@ -73,6 +80,18 @@ def test_the_plain_loop_yardstick_returns_the_pre_activations_of_its_outputs():
     outputs, preactivations = plain.forward_with_preactivations(inputs)
     assert torch.allclose(outputs, plain.readout(torch.tanh(preactivations)))
     assert torch.allclose(preactivations[:, 0], plain.input_layer(inputs[:, 0]))  # h_0 = 0
+    assert torch.allclose(preactivations[:, 1], plain.input_layer(inputs[:, 1])
+                          + plain.recurrent(torch.tanh(preactivations[:, 0])))
+    assert torch.equal(plain(inputs), outputs)
+
+
+def test_the_table_has_compiled_rows_only_when_asked():
+    def methods(compiled):
+        return [(w.name, w.jv_method) for w in bench.workloads(torch.device("cpu"), 0.005, compiled)
+                if w.jv_method == "compiled"]
+    assert methods(False) == []
+    assert methods(True) == [("tanh RNN-100 T100 B1000, analytic", "compiled"),
+                             ("tanh RNN-100 T100 B1000, analytic, structural damping", "compiled")]
 
 
 def test_memory_probe_reports_a_peak_for_each_kind_of_work():

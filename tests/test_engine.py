@@ -276,6 +276,9 @@ def test_the_resume_hint_gives_overrides_that_hydra_reads_back_as_the_run_values
     assert run_values({"_target_": "A", "x": 1}, {"_target_": "B", "x": 2}, "task") is None
     assert run_values({"x": 1, "y": 2}, {"x": 2}, "task") is None  # a key the command lacks: no plain override
     assert run_values({"x": 1}, {"x": 2, "y": 2}, "task") is None
+    assert run_values({"x": None}, {"x": 2}, "task") == ["task.x=null"]
+    assert run_values({"x": "${y}"}, {"x": 2}, "task") is None  # Hydra would resolve it, not keep it
+    assert run_values({"a": {"name": {"q": 1}}}, {"a": {"name": {"q": 2}}}, "task") is None
 
 
 def test_a_bdhf_run_from_before_cut_products_resumes_with_full_products(make_config, tmp_path):
