@@ -8,6 +8,7 @@ set -u
 out=$1; cap=$2; shift 2
 for spec in "$@"; do
   task=${spec%%:*}; seed=${spec##*:}
+  task=${task%_T100}  # addition_T100 and addition are one run
   case $task in *_T*) config=$task ;; *) config=${task}_T100 ;; esac
   dir=$out/$task/s$seed
   if [ -e "$dir/summary.json" ] && grep -q '"solved": true' "$dir/summary.json"; then continue; fi

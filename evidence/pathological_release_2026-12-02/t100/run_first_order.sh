@@ -8,10 +8,11 @@
 set -u
 out=$1; updates=$2; solver=$3; shift 3
 for spec in "$@"; do
-  task=${spec%%:*}; seed=${spec##*:}
+  task=${spec%%:*}; seed=${spec##*:}; task=${task%_T100}
+  case $task in *_T*) config=$task ;; *) config=${task}_T100 ;; esac  # addition_T200 runs at T = 200
   dir=$out/$solver/$task/s$seed
   if [ -e "$dir/summary.json" ] && grep -q '"solved": true' "$dir/summary.json"; then continue; fi
   if [ -e "$dir/checkpoints/last.pt" ]; then where="run.resume=$dir"; else where="hydra.run.dir=$dir"; fi
-  hfrun solver=$solver task=${task}_T100 seed=$seed run.max_updates=$updates run.eval_every=50 \
+  hfrun solver=$solver task=$config seed=$seed run.max_updates=$updates run.eval_every=50 \
       run.checkpoint_every=500 run.threads=1 logger.progress=false $where
 done

@@ -33,7 +33,7 @@ def hf_table() -> None:
 
 
 def first_order_table() -> None:
-    print("| task, T = 100 | solver | seed | status | k-minibatches | held-out error | seconds | HF, same seed: status, k-minibatches |")
+    print("| task | solver | seed | status | k-minibatches | held-out error | seconds | HF, same seed: status, k-minibatches |")
     print("|---|---|---|---|---|---|---|---|")
     for task in MS2011:
         for solver in ("adam", "sgd"):
