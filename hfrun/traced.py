@@ -23,7 +23,8 @@ tangent pass and a backward pass instead of a forward pass more. What it adds is
 elementwise work, no stacking copies); `compile_tangent` applies it to the tangent half
 (`jv_method=compiled`). On the CPU, for the 100-step RNN on 1000 sequences, that cut a product from
 1.16 to 0.82 gradients but took 64 s per batch shape to compile (48 s at T = 30), so it pays on long
-runs only and is not the default (README, "Speed").
+runs of one batch shape only: it is the default for the pathological tasks at T >= 100 under the
+release's definitions, `auto` (traced) elsewhere (README, "Speed").
 
 Safety:
   - Fake tensors make any data-dependent Python (`.item()`, `if tensor:`) fail at trace time, instead
