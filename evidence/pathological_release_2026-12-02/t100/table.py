@@ -16,6 +16,11 @@ def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
+def _finished(runs) -> list[Path]:
+    """The runs that have ended at least once (a run still in its first sitting has no summary yet)."""
+    return sorted(run for run in runs if (run / "summary.json").exists())
+
+
 def _k_minibatches(summary: dict) -> str:
     unit = "" if summary.get("minibatch_size", 1000) == 1000 else f" (of {summary['minibatch_size']})"
     return f"{summary['minibatches'] / 1000:.2f}{unit}"
@@ -25,7 +30,7 @@ def hf_table() -> None:
     print("| task | seed | status | k-minibatches | updates | held-out error | seconds | M&S 2011: failed, k-minibatches |")
     print("|---|---|---|---|---|---|---|---|")
     for task, (failed, k) in MS2011.items():
-        for run in sorted((HERE / task).glob("s*")):
+        for run in _finished((HERE / task).glob("s*")):
             summary = _summary(run)
             print(f"| {task} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
                   f"{summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
@@ -37,7 +42,7 @@ def first_order_table() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for task in MS2011:
         for solver in ("adam", "sgd"):
-            for run in sorted((FIRST_ORDER / solver / task).glob("s*")):
+            for run in _finished((FIRST_ORDER / solver / task).glob("s*")):
                 summary = _summary(run)
                 hf_run = HERE / task / run.name
                 hf = (f"{_summary(hf_run)['status']}, {_k_minibatches(_summary(hf_run))}"
