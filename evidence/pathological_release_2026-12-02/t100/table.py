@@ -44,9 +44,9 @@ def first_order_table() -> None:
         for solver in ("adam", "sgd"):
             for run in _finished((FIRST_ORDER / solver / task).glob("s*")):
                 summary = _summary(run)
-                hf_run = HERE / task / run.name
-                hf = (f"{_summary(hf_run)['status']}, {_k_minibatches(_summary(hf_run))}"
-                      if (hf_run / "summary.json").exists() else "not run")
+                hf_runs = _finished([HERE / task / run.name])
+                hf_summary = _summary(hf_runs[0]) if hf_runs else None
+                hf = f"{hf_summary['status']}, {_k_minibatches(hf_summary)}" if hf_summary else "not run"
                 print(f"| {task} | {solver} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
                       f"{summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | {hf} |")
 
