@@ -506,3 +506,47 @@ def test_analytic_recurrence_with_a_frozen_weight_and_batched_gradients():
                                  is_grads_batched=True) for model in (loop, analytic)]
     for expected, actual in zip(*grads):
         torch.testing.assert_close(actual, expected)
+
+
+def test_analytic_recurrence_writes_into_buffers_only_where_nothing_watches(monkeypatch):
+    """The recurrence writes its steps into preallocated outputs (out= ops) in a plain eager forward and
+    backward, and stacks differentiable steps wherever a graph is recorded, a torch.func transform, vmap or
+    a tracer watches. Both ways give the loop's values: the gradients, with and without the pre-activations'
+    cotangent, the double backward (create_graph) and a Hessian product by torch.func against impl=loop."""
+    from hfrun.models import recurrence
+    written, buffer_like = [], recurrence._buffer_like
+    monkeypatch.setattr(recurrence, "_buffer_like",
+                        lambda *args: written.append(buffer_like(*args) is not None) or buffer_like(*args))
+    torch.manual_seed(5)
+    _, loop, analytic = twin_models()
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+
+    def objective(model, create_graph=False):
+        z, a = model.forward_with_preactivations(x)
+        value = z.square().sum() + 0.1 * a.sin().sum()
+        return torch.autograd.grad(value, list(model.parameters()), create_graph=create_graph)
+
+    written.clear()
+    for expected, actual in zip(objective(loop), objective(analytic)):
+        torch.testing.assert_close(actual, expected)
+    assert written == [True, True, True], "plain forward (h, a) and backward write into buffers"
+    written.clear()
+    first = objective(analytic, create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), list(analytic.parameters()))
+    expected_first = objective(loop, create_graph=True)
+    expected_second = torch.autograd.grad(sum(g.square().sum() for g in expected_first), list(loop.parameters()))
+    for expected, actual in zip(expected_second, second):
+        torch.testing.assert_close(actual, expected)
+    assert written[2] is False, "a backward whose graph is recorded stacks differentiable steps"
+
+    params = {name: p.detach() for name, p in analytic.named_parameters()}
+    tangent = {name: torch.randn_like(p) for name, p in params.items()}
+
+    def hessian_product(model):
+        gradient = torch.func.grad(lambda p: functional_call(model, p, (x,)).square().sum())
+        return jvp(gradient, (params,), (tangent,))[1]
+    written.clear()
+    actual = hessian_product(analytic)
+    assert False in written, "under torch.func's jvp of grad the steps are stacked"
+    for name, value in hessian_product(loop).items():
+        torch.testing.assert_close(actual[name], value)
