@@ -5,14 +5,13 @@
 # Usage: bash run.sh OUT CAP task:seed [task:seed ...]     e.g.  bash run.sh /tmp/t100 3600 addition:0 xor:1
 # A task named with its length (addition_T200:0) runs at that length; a bare name runs at T = 100.
 set -u
+source "$(dirname "$0")/common.sh"
 out=$1; cap=$2; shift 2
 for spec in "$@"; do
-  task=${spec%%:*}; seed=${spec##*:}
-  task=${task%_T100}  # addition_T100 and addition are one run
-  case $task in *_T*) config=$task ;; *) config=${task}_T100 ;; esac
+  parse_spec "$spec"
   dir=$out/$task/s$seed
-  if [ -e "$dir/summary.json" ] && grep -q '"solved": true' "$dir/summary.json"; then continue; fi
-  if [ -e "$dir/checkpoints/last.pt" ]; then where="run.resume=$dir"; else where="hydra.run.dir=$dir"; fi
+  if solved "$dir"; then continue; fi
+  where=$(run_place "$dir")
   # runs started before T >= 100 products were compiled by default (2026-12-02) continue with their own method
   if [ -e "$dir/.hydra/config.yaml" ] && ! grep -q hfrun_at_least "$dir/.hydra/config.yaml"; then
     where="$where solver.jv_method=auto"

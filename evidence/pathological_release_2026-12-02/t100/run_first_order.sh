@@ -6,13 +6,12 @@
 # Usage: bash run_first_order.sh OUT UPDATES adam|sgd task:seed [task:seed ...]
 #   e.g. bash run_first_order.sh /tmp/t100fo 6000 adam addition:0 addition:1
 set -u
+source "$(dirname "$0")/common.sh"
 out=$1; updates=$2; solver=$3; shift 3
 for spec in "$@"; do
-  task=${spec%%:*}; seed=${spec##*:}; task=${task%_T100}
-  case $task in *_T*) config=$task ;; *) config=${task}_T100 ;; esac  # addition_T200 runs at T = 200
+  parse_spec "$spec"
   dir=$out/$solver/$task/s$seed
-  if [ -e "$dir/summary.json" ] && grep -q '"solved": true' "$dir/summary.json"; then continue; fi
-  if [ -e "$dir/checkpoints/last.pt" ]; then where="run.resume=$dir"; else where="hydra.run.dir=$dir"; fi
+  if solved "$dir"; then continue; fi
   hfrun solver=$solver task=$config seed=$seed run.max_updates=$updates run.eval_every=50 \
-      run.checkpoint_every=500 run.threads=1 logger.progress=false $where
+      run.checkpoint_every=500 run.threads=1 logger.progress=false $(run_place "$dir")
 done
