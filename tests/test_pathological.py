@@ -510,43 +510,71 @@ def test_analytic_recurrence_with_a_frozen_weight_and_batched_gradients():
 
 def test_analytic_recurrence_writes_into_buffers_only_where_nothing_watches(monkeypatch):
     """The recurrence writes its steps into preallocated outputs (out= ops) in a plain eager forward and
-    backward, and stacks differentiable steps wherever a graph is recorded, a torch.func transform, vmap or
-    a tracer watches. Both ways give the loop's values: the gradients, with and without the pre-activations'
-    cotangent, the double backward (create_graph) and a Hessian product by torch.func against impl=loop."""
+    backward, and stacks steps that can be differentiated, batched or traced wherever a graph is recorded,
+    a torch.func transform, vmap, a tracer or autocast watches. Either way it gives the loop's values: the
+    gradients with and without the pre-activations' cotangent, the double backward (create_graph), a
+    Hessian product by torch.func, a linearized product (make_fx) and an autocast forward."""
     from hfrun.models import recurrence
-    written, buffer_like = [], recurrence._buffer_like
-    monkeypatch.setattr(recurrence, "_buffer_like",
-                        lambda *args: written.append(buffer_like(*args) is not None) or buffer_like(*args))
+    decisions, writes_into_buffers = [], recurrence._writes_into_buffers
+
+    def spy(*tensors):
+        decisions.append(writes_into_buffers(*tensors))
+        return decisions[-1]
+    monkeypatch.setattr(recurrence, "_writes_into_buffers", spy)
     torch.manual_seed(5)
     _, loop, analytic = twin_models()
     x = torch.randn(3, 6, 3, dtype=torch.float64)
 
-    def objective(model, create_graph=False):
-        z, a = model.forward_with_preactivations(x)
-        value = z.square().sum() + 0.1 * a.sin().sum()
+    def gradient(model, create_graph=False, preactivations=True):
+        if preactivations:
+            z, a = model.forward_with_preactivations(x)
+            value = z.square().sum() + 0.1 * a.sin().sum()
+        else:
+            value = model(x).square().sum()
         return torch.autograd.grad(value, list(model.parameters()), create_graph=create_graph)
 
-    written.clear()
-    for expected, actual in zip(objective(loop), objective(analytic)):
-        torch.testing.assert_close(actual, expected)
-    assert written == [True, True, True], "plain forward (h, a) and backward write into buffers"
-    written.clear()
-    first = objective(analytic, create_graph=True)
-    second = torch.autograd.grad(sum(g.square().sum() for g in first), list(analytic.parameters()))
-    expected_first = objective(loop, create_graph=True)
-    expected_second = torch.autograd.grad(sum(g.square().sum() for g in expected_first), list(loop.parameters()))
-    for expected, actual in zip(expected_second, second):
-        torch.testing.assert_close(actual, expected)
-    assert written[2] is False, "a backward whose graph is recorded stacks differentiable steps"
+    def decided(work):
+        decisions.clear()
+        result = work()
+        return result, list(decisions)
+
+    for preactivations in (True, False):
+        actual, seen = decided(lambda: gradient(analytic, preactivations=preactivations))
+        assert seen == [True, True], "a plain forward and its backward write into buffers"
+        for expected, value in zip(gradient(loop, preactivations=preactivations), actual):
+            torch.testing.assert_close(value, expected)
+
+    def second_order(model):
+        first = gradient(model, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in first), list(model.parameters()))
+    actual, seen = decided(lambda: second_order(analytic))
+    # the backward whose graph is recorded stacks; the double backward is a plain one again
+    assert seen == [True, False, True]
+    for expected, value in zip(second_order(loop), actual):
+        torch.testing.assert_close(value, expected)
 
     params = {name: p.detach() for name, p in analytic.named_parameters()}
     tangent = {name: torch.randn_like(p) for name, p in params.items()}
 
     def hessian_product(model):
-        gradient = torch.func.grad(lambda p: functional_call(model, p, (x,)).square().sum())
-        return jvp(gradient, (params,), (tangent,))[1]
-    written.clear()
-    actual = hessian_product(analytic)
-    assert False in written, "under torch.func's jvp of grad the steps are stacked"
+        gradient_of = torch.func.grad(lambda p: functional_call(model, p, (x,)).square().sum())
+        return jvp(gradient_of, (params,), (tangent,))[1]
+    actual, seen = decided(lambda: hessian_product(analytic))
+    # torch.func runs the forward one level down on plain tensors; the backward it differentiates stacks
+    assert seen == [True, False]
     for name, value in hessian_product(loop).items():
         torch.testing.assert_close(actual[name], value)
+
+    def linearized(model):
+        return torch.func.linearize(lambda p: functional_call(model, p, (x,)), params)[1](tangent)
+    actual, seen = decided(lambda: linearized(analytic))
+    # linearize runs the function once as it is, then traces it under make_fx (fake tensors, a dispatch
+    # mode), where writing into a buffer left the replayed tangents NaN
+    assert seen == [True, False] and torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, linearized(loop))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # out= ops are not autocast: the steps are stacked
+        actual, seen = decided(lambda: analytic.float()(x.float()))
+        expected = loop.float()(x.float())
+    assert actual.dtype == torch.bfloat16 and seen == [False]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0.05, atol=0.05)

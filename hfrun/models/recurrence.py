@@ -12,11 +12,10 @@ to the tangents. Here the primal loop runs once, without a graph, and keeps h; t
                ∂/∂d = δ,  ∂/∂W = Σ_t δ_t h_{t−1}ᵀ, the latter one (H, B·L) × (B·L, H) matmul;
   - jvp:       ȧ_t = ḋ_t + Ẇ h_{t−1} + W ḣ_{t−1},  ḣ_t = (1 − h_t²) ⊙ ȧ_t, with every Ẇ h_{t−1} in
                one matmul up front, so each step is one (B, H) × (H, H) matmul, as in the primal.
-Where nothing differentiates or traces the rules themselves (a plain gradient: the forward and its backward
-without create_graph), each step writes straight into one preallocated (L, B, H) output with out= ops;
-stacking the steps' own results instead cost about 8% of a gradient (T = 100, B = 1000, one thread),
-two (L, B, H) copies and 200 fresh step tensors per pass. Everywhere else they are stacked, because
-out= ops are neither differentiable nor batched by vmap (`_writes_into_buffers` says which).
+Where nothing differentiates, batches or traces the rules themselves (a plain gradient: the forward and
+its backward without create_graph), each step writes straight into one preallocated (L, B, H) output with
+out= ops, instead of allocating L step results and stacking them into a copy at the end
+(`_writes_into_buffers` says where; README, "Speed", gives the measured gain).
 Both rules are written in differentiable torch ops, so torch.func can take vjps of the vjp (double_vjp),
 jvps of the vjp (Hessian products) and vmap over cases (per-case gradients). One composition is wrong:
 a jvp of a jvp (forward over forward, e.g. jacfwd(jacfwd(f))) loses the second-order terms through the
@@ -36,16 +35,18 @@ class TanhRecurrence(torch.autograd.Function):
     per-step slices of a batch-major tensor made each step's matmul about 1.7× slower). Each step is one
     matmul (with the additive term folded into addmm) and one fused elementwise op (tanh, or
     tanh_backward: x ⊙ (1 − h²)), so no (L, B, H) slope or shifted copy of h is ever built.
-    The jvp rule always stacks: it runs only under torch.func's jvp, where out= is not allowed."""
+    The jvp rule always stacks: its steps are differentiated or batched again wherever it runs."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(drive: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         weight_t = weight.t()
-        hidden_buffer, preactivation_buffer = (_buffer_like(drive, drive, weight) for _ in range(2))
-        # h_0 = 0: a_1 is the drive itself
-        preactivations = [drive[0] if preactivation_buffer is None else preactivation_buffer[0].copy_(drive[0])]
+        hidden_buffer, preactivation_buffer = _buffers_like(drive, 2, drive, weight)
+        if preactivation_buffer is None:
+            preactivations = [drive[0]]  # h_0 = 0: a_1 is the drive itself
+        else:
+            preactivations = [preactivation_buffer[0].copy_(drive[0])]
         hiddens = [torch.tanh(drive[0], out=_step(hidden_buffer, 0))]
         for t in range(1, drive.shape[0]):
             preactivations.append(torch.addmm(drive[t], hiddens[-1], weight_t, out=_step(preactivation_buffer, t)))
@@ -69,7 +70,7 @@ class TanhRecurrence(torch.autograd.Function):
             return None, None
         if hidden_cotangent is None:
             hidden_cotangent = torch.zeros_like(hidden)
-        delta_buffer = _buffer_like(hidden, hidden, weight, hidden_cotangent, preactivation_cotangent)
+        (delta_buffer,) = _buffers_like(hidden, 1, hidden, weight, hidden_cotangent, preactivation_cotangent)
         deltas = []
         for t in range(hidden.shape[0] - 1, -1, -1):
             out = _step(delta_buffer, t)
@@ -112,11 +113,17 @@ class TanhRecurrence(torch.autograd.Function):
 
 def _writes_into_buffers(*tensors: Tensor | None) -> bool:
     """Whether a rule may write its steps straight into preallocated (L, B, H) outputs with out= ops: plain
-    eager tensors, no graph being recorded (create_graph), no torch.func transform, vmap (is_grads_batched),
-    tracer (make_fx's fake tensors), compiler or forward-mode AD watching. Everywhere else each step must be a differentiable,
-    traceable op, so the steps are stacked at the end instead; both give the same values."""
+    eager tensors, with no graph being recorded (create_graph), no torch.func transform at this level, no vmap
+    (is_grads_batched), tracer (make_fx's fake tensors), compiler or forward-mode AD watching, and no autocast
+    (out= ops are not autocast, so a bfloat16 drive would meet a float32 W). Elsewhere each step must be an op
+    that can be differentiated, batched or traced, so the steps are stacked at the end instead. Under
+    torch.func's grad, vjp or jvp the forward does write into buffers: torch.func runs it one level down, on
+    plain tensors, and differentiates through the rules instead. Both ways give the same values up to
+    rounding: bit-identical where each step's (B, H) slab is a multiple of 16 bytes (MKL's matmul rounds
+    differently for operands at other alignments, by about 1e-16)."""
     if (torch.is_grad_enabled() or torch._C._functorch.maybe_current_level() is not None
-            or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()):
+            or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(tensors[0].device.type)):
         return False
     return all(t is None or _plain(t) for t in tensors)
 
@@ -127,10 +134,12 @@ def _plain(tensor: Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(tensor) and unpack_dual(tensor).tangent is None)
 
 
-def _buffer_like(like: Tensor, *tensors: Tensor | None) -> Tensor | None:
-    """An empty contiguous (L, B, H) output for the steps to be written into, where `_writes_into_buffers`
-    allows it."""
-    return like.new_empty(like.shape) if _writes_into_buffers(*tensors) else None
+def _buffers_like(like: Tensor, count: int, *tensors: Tensor | None) -> list[Tensor | None]:
+    """`count` empty contiguous (L, B, H) outputs for the steps to be written into, where `_writes_into_buffers`
+    allows it for `tensors`; otherwise `count` Nones."""
+    if _writes_into_buffers(*tensors):
+        return [like.new_empty(like.shape) for _ in range(count)]
+    return [None] * count
 
 
 def _step(buffer: Tensor | None, t: int) -> Tensor | None:
