@@ -37,6 +37,9 @@ Safety:
     cached tensor itself.
   - The trace holds the forward pass twice (the vjp's and the jvp's); `merge_common_subexpressions`
     merges them (never random ops), and is skipped for a graph that mutates anything.
+  - The jvp gives the batch's inputs a zero tangent, and the trace multiplies it through the first layer;
+    `drop_zero_terms` removes that work (on the MLP, a matmul as large as the first layer's in every
+    batch's set-up, and on the RNN a (B·T, H) zero added into every product).
   - The caller checks each new trace once against the untraced product (hfrun.curvature).
 A model whose forward depends on Python state other than its parameters, buffers, training flag and
 input shapes would replay stale behaviour: use `solver.jv_method=jvp` for it.
@@ -175,7 +178,7 @@ def trace_product(function: Callable[..., tuple[Tensor, Tensor]], fixed: Sequenc
             *fixed, *varying)
         if mutates(graph_module):
             raise ValueError("the traced product mutates its inputs")
-    graph_module = merge_common_subexpressions(graph_module)
+    graph_module = drop_zero_terms(merge_common_subexpressions(graph_module))
     traced = split_primal_tangent(graph_module, num_fixed=len(fixed))
     if compile_tangent:
         traced.tangent = CompiledTangent(traced.tangent)
@@ -204,6 +207,79 @@ def merge_common_subexpressions(graph_module: fx.GraphModule) -> fx.GraphModule:
     merged.graph.eliminate_dead_code()
     merged.recompile()
     return merged
+
+
+aten = torch.ops.aten
+_ZERO_SOURCES = (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
+_VIEWS = (aten.expand.default, aten.t.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int, aten.permute.default, aten.clone.default)
+_ZERO_IF_ANY_FACTOR_IS = (aten.mm.default, aten.bmm.default, aten.mul.Tensor, aten.neg.default)
+
+
+def drop_zero_terms(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """The graph without the work done on tensors known to be zero. A jvp gives inputs that are not
+    differentiated (the batch's x) a zero tangent, and the trace records it: e.g. for an MLP
+    `mm(expand(zeros([]), (B, 784)), W₁ᵀ)`, a matmul as large as the first layer's, which then lands in
+    the primal half (it depends on nothing varying) and is added to every product. Known zeros are the
+    zero constructors (and full(0)), their views and copies, and products, matmuls and negations with a zero
+    factor; each of the latter becomes a zero scalar expanded to its shape (no arithmetic, no memory), and
+    x + 0, x − 0 and addmm(b, 0, W) become x or b (expanded to the result's shape). Ops that would change
+    a dtype are kept. Exact, except that 0 × inf and 0 × NaN give 0 here instead of NaN (weights that hold
+    them make the whole product meaningless anyway). Unchanged where anything is mutated in place."""
+    graph = graph_module.graph
+    if mutates(graph_module):
+        return graph_module
+    zero: set[fx.Node] = set()
+
+    def value(node):
+        return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+    def zeros_like_result(node: fx.Node) -> fx.Node:
+        result = value(node)
+        with graph.inserting_before(node):
+            scalar = graph.call_function(aten.zeros.default, ([],), {"dtype": result.dtype, "device": result.device})
+            expanded = graph.call_function(aten.expand.default, (scalar, list(result.shape)))
+        scalar.meta["val"], expanded.meta["val"] = result.new_zeros(()), result
+        zero.update((scalar, expanded))
+        return expanded
+
+    def as_result(kept: fx.Node, node: fx.Node) -> fx.Node | None:
+        """`kept` in the place of `node`: itself, expanded to node's shape, or None where the dtype differs."""
+        kept_value, result = value(kept), value(node)
+        if kept_value is None or kept_value.dtype != result.dtype or kept_value.device != result.device:
+            return None
+        if tuple(kept_value.shape) == tuple(result.shape):
+            return kept
+        with graph.inserting_before(node):
+            expanded = graph.call_function(aten.expand.default, (kept, list(result.shape)))
+        expanded.meta["val"] = result
+        return expanded
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(value(node), Tensor):
+            continue
+        target, args = node.target, node.args
+        if target in _ZERO_SOURCES or (target is aten.full.default and args[1] == 0):
+            zero.add(node)
+            continue
+        if target in _VIEWS and args[0] in zero:
+            zero.add(node)
+            continue
+        replacement = None
+        if target in _ZERO_IF_ANY_FACTOR_IS and any(arg in zero for arg in args):
+            replacement = zeros_like_result(node)
+        elif target is aten.addmm.default and not node.kwargs and (args[1] in zero or args[2] in zero):
+            replacement = zeros_like_result(node) if args[0] in zero else as_result(args[0], node)
+        elif target in (aten.add.Tensor, aten.sub.Tensor) and not node.kwargs and args[1] in zero:
+            replacement = as_result(args[0], node)
+        elif target is aten.add.Tensor and not node.kwargs and args[0] in zero:
+            replacement = as_result(args[1], node)
+        if replacement is not None:
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
 
 
 def split_primal_tangent(graph_module: fx.GraphModule, num_fixed: int) -> TracedProduct:

@@ -285,3 +285,40 @@ def test_a_product_that_ignores_the_tangent_is_a_fresh_tensor():
     _, cached = traced_product.prepare([w])
     traced_product.product(cached, [torch.randn(3)]).add_(100.0)
     torch.testing.assert_close(traced_product.product(cached, [torch.randn(3)]), torch.tanh(w) * 2)
+
+
+def test_zero_terms_are_dropped_exactly():
+    """`drop_zero_terms` removes the work a trace records on tensors known to be zero (a jvp's zero tangent
+    for the undifferentiated input), and nothing that changes a value or a dtype."""
+
+    def function(x, w, b, v):
+        zero = torch.zeros((), dtype=x.dtype).expand(x.shape)  # what a jvp gives x, which has no tangent
+        tangent = torch.addmm(b, zero, w.t()) + zero @ w.t() + v * 2 - torch.zeros_like(v)
+        kept = tangent.to(torch.float64) + torch.zeros(3, dtype=torch.float32)  # float64 + float32: stays
+        return kept * torch.full((), 0.0) + kept, (x @ w.t()).sum()
+
+    x, w, b, v = torch.randn(5, 4), torch.randn(3, 4), torch.randn(3), torch.randn(5, 3)
+    graph = make_fx(function, tracing_mode="fake")(x, w, b, v)
+    dropped = traced.drop_zero_terms(make_fx(function, tracing_mode="fake")(x, w, b, v))
+    calls = [str(node.target) for node in dropped.graph.nodes if node.op == "call_function"]
+    assert "aten.addmm.default" not in calls and calls.count("aten.mm.default") == 1, calls  # x @ wᵀ stays
+    assert calls.count("aten.mul.Tensor") == 1 and "aten.sub.Tensor" not in calls, calls  # v * 2 stays
+    expected, actual = graph(x, w, b, v), dropped(x, w, b, v)
+    for e, a in zip(expected, actual):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_an_mlp_trace_does_not_multiply_the_inputs_zero_tangent():
+    """The MLP's primal half used to compute zeros(B, 784) @ W₁ᵀ, as large as the first layer, every batch."""
+    model, batch = mlp_problem("softmax_ce")
+    loss = LOSSES["softmax_ce"]
+    operator = CurvatureOperator(model, loss, batch)
+    assert operator.jv_method_used == "traced"
+    (trace,) = traced._TRACES[model].values()
+    for half in (trace.primal, trace.tangent):
+        for node in half.graph.nodes:
+            if node.op == "call_function" and node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                assert not any(str(arg.target) == "aten.expand.default" for arg in node.all_input_nodes
+                               if arg.op == "call_function"), node.format_node()
+    assert_close_matrices(operator_matrix(operator), dense_ggn(model, loss, batch))
