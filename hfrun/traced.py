@@ -223,9 +223,10 @@ def drop_zero_terms(graph_module: fx.GraphModule) -> fx.GraphModule:
     the primal half (it depends on nothing varying) and is added to every product. Known zeros are the
     zero constructors (and full(0)), their views and copies, and products, matmuls and negations with a zero
     factor; each of the latter becomes a zero scalar expanded to its shape (no arithmetic, no memory), and
-    x + 0, x − 0 and addmm(b, 0, W) become x or b (expanded to the result's shape). Ops that would change
-    a dtype are kept. Exact, except that 0 × inf and 0 × NaN give 0 here instead of NaN (weights that hold
-    them make the whole product meaningless anyway). Unchanged where anything is mutated in place."""
+    x + 0, x − 0 and addmm(b, 0, W) become x, or b expanded to the result's shape and copied into the
+    result's contiguous layout. Ops whose dtype or strides would change otherwise are kept. Exact up to the
+    sign of zero, except that 0 × inf and 0 × NaN give 0 here instead of NaN (weights that hold them make the
+    whole product meaningless anyway). Unchanged where anything is mutated in place."""
     graph = graph_module.graph
     if mutates(graph_module):
         return graph_module
@@ -244,16 +245,22 @@ def drop_zero_terms(graph_module: fx.GraphModule) -> fx.GraphModule:
         return expanded
 
     def as_result(kept: fx.Node, node: fx.Node) -> fx.Node | None:
-        """`kept` in the place of `node`: itself, expanded to node's shape, or None where the dtype differs."""
+        """`kept` in the place of `node`, with node's dtype, shape and strides (later views may depend on
+        them): itself, or expanded to node's shape and copied contiguous; None (keep the op) otherwise."""
         kept_value, result = value(kept), value(node)
         if kept_value is None or kept_value.dtype != result.dtype or kept_value.device != result.device:
             return None
-        if tuple(kept_value.shape) == tuple(result.shape):
+        if tuple(kept_value.shape) == tuple(result.shape) and kept_value.stride() == result.stride():
             return kept
+        if not result.is_contiguous():
+            return None
         with graph.inserting_before(node):
             expanded = graph.call_function(aten.expand.default, (kept, list(result.shape)))
-        expanded.meta["val"] = result
-        return expanded
+            copied = graph.call_function(aten.clone.default, (expanded,), {"memory_format": torch.contiguous_format})
+        expanded.meta["val"], copied.meta["val"] = result.expand(result.shape), result
+        if kept in zero:
+            zero.update((expanded, copied))
+        return copied
 
     for node in list(graph.nodes):
         if node.op != "call_function" or not isinstance(value(node), Tensor):
@@ -280,6 +287,13 @@ def drop_zero_terms(graph_module: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code()
     graph_module.recompile()
     return graph_module
+
+
+def _fresh(node: fx.Node) -> bool:
+    """Whether the node's value is a new tensor: neither an input of the graph nor a view of another."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and not (schema is not None and schema.returns
+                                                and schema.returns[0].alias_info is not None)
 
 
 def split_primal_tangent(graph_module: fx.GraphModule, num_fixed: int) -> TracedProduct:
@@ -319,7 +333,8 @@ def split_primal_tangent(graph_module: fx.GraphModule, num_fixed: int) -> Traced
         if node in varying and node.op != "placeholder":
             tangent_env[node] = tangent_graph.node_copy(node, lambda arg: tangent_env[arg])
     product = tangent_env[product_node]
-    if product_node not in varying:  # a copy, never a cached tensor: callers may add to the product in place
+    if product_node not in varying or not _fresh(product_node):
+        # a copy, never a cached tensor, the caller's tangent or a view of either: callers add to it in place
         product = tangent_graph.call_function(torch.ops.aten.clone.default, (product,))
     tangent_graph.output(product)
     primal, tangent = fx.GraphModule(graph_module, primal_graph), fx.GraphModule(graph_module, tangent_graph)

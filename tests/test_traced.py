@@ -294,8 +294,9 @@ def test_zero_terms_are_dropped_exactly():
     def function(x, w, b, v):
         zero = torch.zeros((), dtype=x.dtype).expand(x.shape)  # what a jvp gives x, which has no tangent
         tangent = torch.addmm(b, zero, w.t()) + zero @ w.t() + v * 2 - torch.zeros_like(v)
-        kept = tangent.to(torch.float64) + torch.zeros(3, dtype=torch.float32)  # float64 + float32: stays
-        return kept * torch.full((), 0.0) + kept, (x @ w.t()).sum()
+        kept = tangent + torch.zeros(3, dtype=torch.float64)  # float32 + float64 is float64: this add stays
+        flat = torch.addmm(b, zero, w.t()).view(-1)  # a view of the result needs its contiguous layout
+        return kept * torch.full((), 0.0) + kept + flat.view(5, 3), (x @ w.t()).sum()
 
     x, w, b, v = torch.randn(5, 4), torch.randn(3, 4), torch.randn(3), torch.randn(5, 3)
     graph = make_fx(function, tracing_mode="fake")(x, w, b, v)
@@ -303,6 +304,7 @@ def test_zero_terms_are_dropped_exactly():
     calls = [str(node.target) for node in dropped.graph.nodes if node.op == "call_function"]
     assert "aten.addmm.default" not in calls and calls.count("aten.mm.default") == 1, calls  # x @ wᵀ stays
     assert calls.count("aten.mul.Tensor") == 1 and "aten.sub.Tensor" not in calls, calls  # v * 2 stays
+    assert calls.count("aten.add.Tensor") == 3, calls  # b + v·2, the float64 zero's and + flat
     expected, actual = graph(x, w, b, v), dropped(x, w, b, v)
     for e, a in zip(expected, actual):
         assert a.dtype == e.dtype
@@ -322,3 +324,19 @@ def test_an_mlp_trace_does_not_multiply_the_inputs_zero_tangent():
                 assert not any(str(arg.target) == "aten.expand.default" for arg in node.all_input_nodes
                                if arg.op == "call_function"), node.format_node()
     assert_close_matrices(operator_matrix(operator), dense_ggn(model, loss, batch))
+
+
+def test_a_product_that_is_its_tangent_plus_zero_is_a_fresh_tensor():
+    """v + 0 drops to v: the product must still be a new tensor, not the caller's tangent (it is added to in
+    place)."""
+
+    def function(w, v):
+        return v + torch.zeros_like(v), w.sum()
+
+    w, v = torch.randn(3), torch.randn(3)
+    traced_product = traced.trace_product(function, [w], [v])
+    _, cached = traced_product.prepare([w])
+    product = traced_product.product(cached, [v])
+    torch.testing.assert_close(product, v)
+    product.add_(1.0)
+    torch.testing.assert_close(product, v + 1.0)
