@@ -15,7 +15,8 @@ to the tangents. Here the primal loop runs once, without a graph, and keeps h; t
 Where nothing differentiates, batches or traces the rules themselves (a plain gradient: the forward and
 its backward without create_graph), each step writes straight into one preallocated (L, B, H) output with
 out= ops, instead of allocating L step results and stacking them into a copy at the end
-(`_writes_into_buffers` says where; README, "Speed", gives the measured gain).
+(`_writes_into_buffers` says where; README, "Benchmark: curvature products against a gradient", gives
+the measured gain).
 Both rules are written in differentiable torch ops, so torch.func can take vjps of the vjp (double_vjp),
 jvps of the vjp (Hessian products) and vmap over cases (per-case gradients). One composition is wrong:
 a jvp of a jvp (forward over forward, e.g. jacfwd(jacfwd(f))) loses the second-order terms through the
