@@ -25,8 +25,8 @@ Gv costs a Jv product and one reverse pass (Jᵀu): of the order of one gradient
     whose trace disagrees, uses "jvp" (logged once). It serves the Hessian too
     (the tangent half of forward-over-reverse);
   - "compiled": "traced" with the tangent half compiled by torch.compile's
-    inductor at its first call per shape: products about 20-30% faster on the
-    RNN, but a minute of compilation per batch shape on the CPU (where it
+    inductor at its first call per shape: products 6-22% faster on the RNN
+    (`make bench` on two machines; README), but a minute of compilation per batch shape on the CPU (where it
     cannot compile, the traced graph runs uncompiled, with one warning);
   - "auto" (the default): "traced", falling back to "jvp" without a warning;
   - "jvp": forward-mode AD, which reruns the primal forward pass alongside the

@@ -21,10 +21,14 @@ Why by hand rather than torch.compile alone: compile would re-trace and re-compi
 this does, but it cannot keep the primal half out of each call, which is what makes a product cost a
 tangent pass and a backward pass instead of a forward pass more. What it adds is code generation (fused
 elementwise work, no stacking copies); `compile_tangent` applies it to the tangent half
-(`jv_method=compiled`). On the CPU, for the 100-step RNN on 1000 sequences, that cut a product from
-1.16 to 0.82 gradients but took 64 s per batch shape to compile (48 s at T = 30), so it pays on long
+(`jv_method=compiled`). On the CPU, for the 100-step RNN on 1000 sequences, that cut a product by 6-22%
+(`make bench` on two machines) but took 13-64 s per batch shape to compile, so it pays on long
 runs of one batch shape only: it is the default for the pathological tasks at T >= 100 under the
 release's definitions, `auto` (traced) elsewhere (README, "Speed").
+
+The jvp gives the batch's inputs a zero tangent, and the trace multiplies it through the first layer;
+`drop_zero_terms` removes that work before the split (on the MLP, a matmul as large as the first layer's
+in every batch's set-up; on the RNN, a (B·T, H) zero added into every product).
 
 Safety:
   - Fake tensors make any data-dependent Python (`.item()`, `if tensor:`) fail at trace time, instead
@@ -37,9 +41,6 @@ Safety:
     cached tensor itself.
   - The trace holds the forward pass twice (the vjp's and the jvp's); `merge_common_subexpressions`
     merges them (never random ops), and is skipped for a graph that mutates anything.
-  - The jvp gives the batch's inputs a zero tangent, and the trace multiplies it through the first layer;
-    `drop_zero_terms` removes that work (on the MLP, a matmul as large as the first layer's in every
-    batch's set-up, and on the RNN a (B·T, H) zero added into every product).
   - The caller checks each new trace once against the untraced product (hfrun.curvature).
 A model whose forward depends on Python state other than its parameters, buffers, training flag and
 input shapes would replay stale behaviour: use `solver.jv_method=jvp` for it.

@@ -97,7 +97,7 @@ def test_cut_and_vmapped_block_products_give_the_same_updates_on_a_damped_rnn():
         chosen.append(cut["cg_chosen_iter"])
     assert 5 in chosen, "backtracking chose an earlier iterate at least once"
     for p, q in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
 
 
 def test_per_block_cg_solves_each_block_independently():

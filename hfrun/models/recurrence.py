@@ -121,7 +121,7 @@ def _writes_into_buffers(*tensors: Tensor | None) -> bool:
     torch.func's grad, vjp or jvp the forward does write into buffers: torch.func runs it one level down, on
     plain tensors, and differentiates through the rules instead. Both ways give the same values up to
     rounding: bit-identical where each step's (B, H) slab is a multiple of 16 bytes (MKL's matmul rounds
-    differently for operands at other alignments, by about 1e-16)."""
+    differently for operands at other alignments, in the last bit)."""
     if (torch.is_grad_enabled() or torch._C._functorch.maybe_current_level() is not None
             or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
             or torch.is_autocast_enabled(tensors[0].device.type)):
