@@ -6,10 +6,11 @@ tanh RNN-100, T = 100, 1000 sequences, loss on the last step, as `make bench`'s 
 import statistics, sys, time
 import torch
 from hfrun.allocator import keep_freed_memory
-from hfrun.bench import PlainLoopRNN
+from hfrun.bench import PlainLoopRNN, rnn_gradient_work
 from hfrun.losses import SquaredError
 from hfrun.models import recurrence
 from hfrun.models.rnn import RNN
+from hfrun.tasks.base import Batch
 
 threads, rounds = (int(sys.argv[1]) if len(sys.argv) > 1 else 2), (int(sys.argv[2]) if len(sys.argv) > 2 else 15)
 torch.set_num_threads(threads); torch.set_flush_denormal(True); keep_freed_memory(); torch.manual_seed(0)
@@ -20,20 +21,15 @@ writes_into_buffers = recurrence._writes_into_buffers
 
 
 def gradient(model, with_preactivations, stacked=False):
-    params = list(model.parameters())
+    work = rnn_gradient_work(model, loss, Batch(inputs, targets, mask), with_preactivations)
 
-    def work():
+    def switched():
         recurrence._writes_into_buffers = (lambda *tensors: False) if stacked else writes_into_buffers
         try:
-            if with_preactivations:
-                z, a = model.forward_with_preactivations(inputs)
-                value = loss(z, targets, mask) + 1e-3 * a.square().mean()
-            else:
-                value = loss(model(inputs), targets, mask)
-            return torch.autograd.grad(value, params)
+            return work()
         finally:
             recurrence._writes_into_buffers = writes_into_buffers
-    return work
+    return switched
 
 
 for pre in (False, True):
