@@ -34,3 +34,18 @@ def test_hf_solves_addition_T30_from_the_command_line(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "solved", summary
     assert summary["solved_minibatches"] < 50_000  # M&S 2011 count a run beyond 50,000 minibatches as failed
+
+
+def test_hf_with_the_release_checks_solves_tiny_addition(make_config, tmp_path):
+    """`solver.checks=release`: backtracking on the 2nd chunk of 250, ρ on the curvature chunk, the line search
+    on the 3rd (Sutskever's release)."""
+    overrides = [o for o in TINY_ADDITION if "backtrack_batch_size" not in o]
+    summary = Run(make_config(*overrides, "task.solver_hints.chunk_size=250", "solver.checks=release"),
+                  tmp_path).train()
+    assert summary["status"] == "solved", summary
+    assert summary["solved_update"] <= 100
+    updates = [record for record in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if record["kind"] == "update"]
+    judged = [(u["cg_chosen_iter"], u["cg_iters"]) for u in updates]
+    assert all(chosen % 10 == 1 or chosen == last for chosen, last in judged), judged
+    assert any(chosen != last for chosen, last in judged), judged  # backtracking did choose an earlier one

@@ -309,7 +309,7 @@ class BlockDiagonalHF(HessianFree):
         product = self._model_curvature(damped_curvature)
         result = blockwise_conjugate_gradient(product, gradient, self.block_index, self.num_blocks, x0=x0,
                                               max_iters=self.cg_max_iters, tol=self.cg_tol,
-                                              preconditioner=preconditioner)
+                                              preconditioner=preconditioner, save_at=self._saved_iterations())
         if isinstance(product, BlockDiagonalProduct):
             self.batched_products = product.batched  # a vmap failure is not retried every update
         return result

@@ -6,7 +6,8 @@ product `mv(v) = A v` (Martens 2010):
   - termination by relative progress: stop at iteration i when i > k, φ_i < 0 and
     (φ_i − φ_{i−k})/φ_i < k·ε, with k = max(10, ⌈0.1·i⌉), ε = `tol`, φ_i = q(x_i);
   - non-positive curvature pᵀAp ≤ 0 stops without taking that step, keeping the last iterate;
-  - iterates are saved at i = ⌈5·1.3ʲ⌉ and at the end, for backtracking over them;
+  - iterates are saved at i = ⌈5·1.3ʲ⌉ (or at the iterations `save_at` names) and at the end, for
+    backtracking over them;
   - with `restart_uphill`, a warm start x0 with q(x0) > 0 = q(0) is dropped and CG starts from 0.
 φ is tracked from the residual r = −g − Ax at no extra product: φ(x) = ½ xᵀ(g − r).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -45,6 +46,13 @@ def saved_iterations(max_iters: int) -> list[int]:
     return saved
 
 
+def _save_schedule(save_iterates: bool, save_at: Collection[int] | None, max_iters: int) -> set[int]:
+    """The iterations whose iterates CG keeps (besides the last): `save_at`, by default ⌈5·1.3ʲ⌉."""
+    if not save_iterates:
+        return set()
+    return set(saved_iterations(max_iters)) if save_at is None else set(save_at)
+
+
 def made_too_little_progress(q_values: list[float], i: int, tol: float) -> bool:
     """Martens' relative-progress test at iteration i (q_values[i] is φ_i)."""
     k = max(10, math.ceil(0.1 * i))
@@ -54,7 +62,7 @@ def made_too_little_progress(q_values: list[float], i: int, tol: float) -> bool:
 def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | None = None,
                        max_iters: int = 250, tol: float = 5e-4, preconditioner: Tensor | None = None,
                        save_iterates: bool = True, restart_uphill: bool = False,
-                       residual_tol: float | None = None) -> CGResult:
+                       residual_tol: float | None = None, save_at: Collection[int] | None = None) -> CGResult:
     """Approximately minimise q(x) = gᵀx + ½xᵀAx from x0 (default 0); see the module docstring.
 
     `tol` = 0 switches the relative-progress test off; CG then runs until
@@ -77,7 +85,7 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | N
     rz = torch.dot(residual, preconditioned)
     rz_start = float(rz)
     vanished = rz_start * torch.finfo(g.dtype).eps ** 2
-    save_at = set(saved_iterations(max_iters)) if save_iterates else set()
+    save_at = _save_schedule(save_iterates, save_at, max_iters)
     residual_limit = -math.inf if residual_tol is None else residual_tol
     iterates: list[tuple[int, Tensor]] = []
 
@@ -125,7 +133,8 @@ def conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, x0: Tensor | N
 
 def blockwise_conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, blocks: Tensor, num_blocks: int,
                                  x0: Tensor | None = None, max_iters: int = 250, tol: float = 5e-4,
-                                 preconditioner: Tensor | None = None, save_iterates: bool = True) -> CGResult:
+                                 preconditioner: Tensor | None = None, save_iterates: bool = True,
+                                 save_at: Collection[int] | None = None) -> CGResult:
     """Independent CG runs, one per block of coordinates, in lockstep (block-diagonal HF, Zhang et al. 2017).
 
     `blocks[j]` is the block of coordinate j; `mv` multiplies by a block-diagonal A (its off-block entries
@@ -152,7 +161,7 @@ def blockwise_conjugate_gradient(mv: Callable[[Tensor], Tensor], g: Tensor, bloc
     q_values = [sum(q[0] for q in block_q)]
     running = rz > 0
     steps_taken = torch.zeros(num_blocks, dtype=torch.long, device=g.device)
-    save_at = set(saved_iterations(max_iters)) if save_iterates else set()
+    save_at = _save_schedule(save_iterates, save_at, max_iters)
     iterates: list[tuple[int, Tensor]] = []
     i = 0
     while bool(running.any()) and i < max_iters:

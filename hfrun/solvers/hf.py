@@ -32,6 +32,19 @@ damping and μλ·G_S the structural damping of an RNN's hidden pre-activations
    f(θ+αd) ≤ f(θ) + c·α·gᵀd (c = 1e-2); α = 0 if none of `max_line_search`
    tries decreases f.
 
+Steps 2–4 are `checks: martens`, all on one batch: the gradient batch, or a
+separate one of `backtrack_batch_size`. `checks: release` makes them as
+Sutskever's RNN release does (`opt/hf.py`, `BT_eval='objective'`), each on its
+own chunk of the gradient batch:
+2'. the CG iterates after iterations 1, 11, 21, … and the last are judged by f
+    on the gradient batch's second chunk; the best of them is kept;
+3'. ρ compares f on the curvature chunk (the first) with q;
+4'. the line search, on the third chunk, takes the first α = 0.8ᵏ that
+    decreases f at all (k ≤ `max_line_search`; the release tries 50, k ≤ 49),
+    and with α = 0 the next CG starts from zero.
+With fewer chunks the release's fallbacks apply: backtracking on the first,
+the line search on the whole gradient batch.
+
 Batches are drawn in chunks of `chunk_size` cases (0: one draw per batch).
 A task that draws one sequence length per draw (the pathological tasks) then
 gives a gradient batch that mixes lengths, as Sutskever's 10 × 1000 gradient
@@ -56,13 +69,15 @@ from hfrun.curvature import JV_METHODS, ParamSpec, martens_preconditioner, per_c
 from hfrun.solvers.cg import CGResult, conjugate_gradient
 from hfrun.distributed import SINGLE, DataParallel
 from hfrun.solvers.second_order import (ChunkedCurvature, ChunkedObjective, LevenbergMarquardt, armijo, draw_chunks,
-                                        leading_cases, like_parameters, quadratic_value, reduction_ratio, require,
-                                        require_equal_shares, set_parameters)
+                                        first_decrease, leading_cases, like_parameters, quadratic_value,
+                                        reduction_ratio, require, require_equal_shares, set_parameters)
 
 CURVATURES = ("ggn", "hessian")
 PRECONDITIONERS = ("none", "martens")
 RHO_MODELS = ("damped", "undamped")
 WARM_STARTS = ("solution", "step", "none")
+CHECKS = ("martens", "release")
+RELEASE_CHECK_EVERY = 10  # the release judges every 10th CG iterate (cg_eval_freq)
 
 
 class HessianFree:
@@ -84,13 +99,20 @@ class HessianFree:
                  damping_max: float = 1e10, stall_updates: int = 20,
                  line_search_c: float = 1e-2, line_search_shrink: float = 0.8, max_line_search: int = 60,
                  rho_model: str = "damped", chunk_size: int = 0, warm_start: str = "solution",
-                 restart_uphill: bool = False):
+                 restart_uphill: bool = False, checks: str = "martens"):
         require(curvature in CURVATURES, f"solver.curvature must be one of {CURVATURES}, got {curvature!r}")
         require(jv_method in JV_METHODS, f"solver.jv_method must be one of {JV_METHODS}, got {jv_method!r}")
         require(preconditioner in PRECONDITIONERS,
                f"solver.preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
         require(rho_model in RHO_MODELS, f"solver.rho_model must be one of {RHO_MODELS}, got {rho_model!r}")
         require(warm_start in WARM_STARTS, f"solver.warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
+        require(checks in CHECKS, f"solver.checks must be one of {CHECKS}, got {checks!r}")
+        require(checks == "martens" or not backtrack_batch_size,
+               "solver.checks=release judges each step on chunks of the gradient batch, as Sutskever's release "
+               "does (its 2nd chunk for backtracking, the curvature chunk for the reduction ratio, its 3rd for "
+               f"the line search), but solver.backtrack_batch_size={backtrack_batch_size} asks for a separate "
+               "batch, which only solver.checks=martens uses. Set solver.backtrack_batch_size=0, or "
+               "solver.checks=martens.")
         for name, value in (("gradient_batch_size", gradient_batch_size), ("cg_max_iters", cg_max_iters)):
             require(int(value) >= 1, f"solver.{name} must be a positive integer, got {value}")
         require(0 < damping_min <= initial_damping <= damping_max < math.inf,
@@ -122,7 +144,7 @@ class HessianFree:
         self.line_search_c, self.line_search_shrink = float(line_search_c), float(line_search_shrink)
         self.max_line_search = int(max_line_search)
         self.rho_model, self.chunk_size, self.warm_start_from = rho_model, int(chunk_size), warm_start
-        self.restart_uphill = bool(restart_uphill)
+        self.restart_uphill, self.checks = bool(restart_uphill), checks
         self.damping_max, self.stall_updates = float(damping_max), int(stall_updates)
         self.levenberg_marquardt = LevenbergMarquardt(initial_damping, damping_min, damping_max)
         self.spec = ParamSpec.from_module(model)
@@ -186,11 +208,19 @@ class HessianFree:
         time_cg = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        backtrack_batch = (draw_chunks(stream, self.backtrack_batch_size, self.chunk_size)
-                           if self.backtrack_batch_size else gradient_batch)
-        objective_before = (loss_before if backtrack_batch is gradient_batch
-                            else self.objective.value(theta, backtrack_batch))
-        chosen_iter, direction, objective_after = self._backtrack(theta, cg.iterates, backtrack_batch)
+        backtrack_batch, rho_batch, line_search_batch = self._check_batches(stream, gradient_batch,
+                                                                            curvature_chunks)
+        values_before = {id(gradient_batch): loss_before}  # f(θ) per batch, each computed once
+
+        def value_before(batch: list) -> float:
+            if id(batch) not in values_before:
+                values_before[id(batch)] = self.objective.value(theta, batch)
+            return values_before[id(batch)]
+
+        chosen_iter, direction, backtrack_value = self._backtrack(theta, cg.iterates, backtrack_batch)
+        objective_before = value_before(rho_batch)
+        objective_after = (backtrack_value if rho_batch is backtrack_batch
+                           else self.objective.value(theta + direction, rho_batch))
         model_reduction, undamped_curvature_direction = cg.q_values[chosen_iter], None
         if self.rho_model == "undamped":
             damped_curvature.set_damping(0.0)  # drops both λI and μλ·G_S
@@ -200,11 +230,10 @@ class HessianFree:
         rho = reduction_ratio(objective_before, objective_after, model_reduction)
         damping_used = self.damping
         self._adapt_damping(rho, theta, direction, gradient, damped_curvature, undamped_curvature_direction,
-                            backtrack_batch, objective_before)
-        step_size, objective_final = armijo(
-            lambda rate: self.objective.value(theta + rate * direction, backtrack_batch), objective_before,
-            float(gradient.dot(direction)), objective_after, c=self.line_search_c, shrink=self.line_search_shrink,
-            max_tries=self.max_line_search)
+                            rho_batch, objective_before)
+        step_size, objective_final = self._line_search(theta, direction, gradient, line_search_batch,
+                                                       value_before(line_search_batch),
+                                                       objective_after if line_search_batch is rho_batch else None)
         self.warm_start = self._next_warm_start(cg.solution, step_size, direction)
         set_parameters(self.model, self.spec, theta + step_size * direction)
         time_line_search = time.perf_counter() - clock
@@ -214,7 +243,7 @@ class HessianFree:
             "cg_iters": cg.iterations, "cg_chosen_iter": chosen_iter, "cg_q_start": cg.q_warm_start,
             "cg_restarted": float(cg.restarted), "q_reduction": -model_reduction,
             "actual_reduction": objective_before - objective_after,
-            "line_search_reduction": objective_before - objective_final, "step_size": step_size,
+            "line_search_reduction": value_before(line_search_batch) - objective_final, "step_size": step_size,
             "time_gradient_s": time_gradient, "time_cg_s": time_cg, "time_line_search_s": time_line_search,
             "time_trace_s": damped_curvature.trace_seconds, "examples_grad": examples_grad,
             "examples_curv": damped_curvature.products * curvature_cases,
@@ -258,7 +287,8 @@ class HessianFree:
                preconditioner: Tensor | None) -> CGResult:
         """CG on the quadratic model (block-diagonal HF replaces this with one CG per block)."""
         return conjugate_gradient(damped_curvature, gradient, x0=x0, max_iters=self.cg_max_iters, tol=self.cg_tol,
-                                  preconditioner=preconditioner, restart_uphill=self.restart_uphill)
+                                  preconditioner=preconditioner, restart_uphill=self.restart_uphill,
+                                  save_at=self._saved_iterations())
 
     def _model_curvature(self, damped_curvature: ChunkedCurvature):
         """The curvature product of the quadratic model (block-diagonal HF restricts it to its blocks)."""
@@ -267,13 +297,33 @@ class HessianFree:
     def _next_warm_start(self, solution: Tensor, step_size: float, direction: Tensor) -> Tensor | None:
         """What the next CG starts from (times cg_decay): the last CG iterate, the step taken, or nothing."""
         if self.warm_start_from == "solution":
-            return solution.detach()
+            # The release starts the next CG from zero after a line search that found no decrease.
+            return None if self.checks == "release" and step_size == 0 else solution.detach()
         if self.warm_start_from == "step" and step_size > 0:
             return (step_size * direction).detach()
         return None
 
+    def _saved_iterations(self) -> range | None:
+        """The CG iterations whose iterates backtracking judges (besides the last; None: Martens' ⌈5·1.3ʲ⌉)."""
+        return range(1, self.cg_max_iters + 1, RELEASE_CHECK_EVERY) if self.checks == "release" else None
+
+    def _check_batches(self, stream, gradient_batch: list, curvature_chunks: list) -> tuple[list, list, list]:
+        """The batches (lists of chunks) that backtracking, ρ and the line search judge f on (module docstring)."""
+        if self.checks == "release":
+            backtrack = gradient_batch[1:2] or gradient_batch[:1]
+            return backtrack, curvature_chunks, gradient_batch[2:3] or gradient_batch
+        batch = (draw_chunks(stream, self.backtrack_batch_size, self.chunk_size) if self.backtrack_batch_size
+                 else gradient_batch)
+        return batch, batch, batch
+
     def _backtrack(self, theta: Tensor, iterates, batch) -> tuple[int, Tensor, float]:
-        """Walk back from the last saved CG iterate while f keeps improving; return (iteration, d, f(θ+d))."""
+        """Choose among the saved CG iterates by f on `batch`; return (iteration, d, f(θ+d)). Martens: walk back
+        from the last while f keeps improving. Release: the best of them all."""
+        if self.checks == "release":
+            judged = [(self.objective.value(theta + direction, batch), iteration, direction)
+                      for iteration, direction in iterates]
+            value, iteration, direction = min(judged, key=lambda item: item[0] if math.isfinite(item[0]) else math.inf)
+            return iteration, direction, value
         best_iter, best_direction = iterates[-1]
         best_value = self.objective.value(theta + best_direction, batch)
         for iteration, direction in reversed(iterates[:-1]):
@@ -282,6 +332,18 @@ class HessianFree:
                 break
             best_iter, best_direction, best_value = iteration, direction, value
         return best_iter, best_direction, best_value
+
+    def _line_search(self, theta: Tensor, direction: Tensor, gradient: Tensor, batch: list, before: float,
+                     value_at_first: float | None) -> tuple[float, float]:
+        """(α, f(θ+αd)) on `batch`: Armijo (martens) or the first decrease (release); α = 0 keeps θ."""
+        def value_at(rate: float) -> float:
+            return self.objective.value(theta + rate * direction, batch)
+
+        if self.checks == "release":
+            return first_decrease(value_at, before, shrink=self.line_search_shrink, max_tries=self.max_line_search)
+        return armijo(value_at, before, float(gradient.dot(direction)),
+                      value_at(1.0) if value_at_first is None else value_at_first, c=self.line_search_c,
+                      shrink=self.line_search_shrink, max_tries=self.max_line_search)
 
     # ------------------------------------------------------------ state
 

@@ -17,6 +17,8 @@
 - `armijo`: backtracking along d until f(θ+αd) ≤ f(θ) + c·α·gᵀd (HF) or ≤ f(θ) + c·α₀·gᵀd, the threshold
   fixed at the first step (SGN's release), either rejecting the step when no α passes (HF) or keeping the
   last one tried (SGN's release).
+- `first_decrease`: Sutskever's release's line search, the first α = 0.8ᵏ that decreases f at all (HF with
+  `checks: release`).
 """
 from __future__ import annotations
 
@@ -224,3 +226,16 @@ def armijo(value_at: Callable[[float], float], before: float, slope: float, valu
     if reject and not (math.isfinite(value) and value <= threshold):  # the last α tried is judged too
         return 0.0, before
     return rate, value
+
+
+def first_decrease(value_at: Callable[[float], float], before: float, *, shrink: float,
+                   max_tries: int) -> tuple[float, float]:
+    """Sutskever's release's line search: the first α = shrinkᵏ, k = 0 … max_tries, with f(θ+αd) < f(θ)
+    (any decrease, no Armijo constant); (0, f(θ)) when none decreases f. `value_at(α)` = f(θ + αd)."""
+    rate = 1.0
+    for _ in range(max_tries + 1):
+        value = value_at(rate)
+        if math.isfinite(value) and value < before:
+            return rate, value
+        rate *= shrink
+    return 0.0, before
