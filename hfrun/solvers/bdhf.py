@@ -8,7 +8,8 @@ P_b the projection on block b's coordinates, so the quadratic model splits into 
 problem per block, A_bb d_b = −g_b, and CG runs per block (`blockwise_conjugate_gradient`: its own step
 sizes, its own stopping by Martens' rule or the cap, its own warm start from 0.95 × its last solution).
 Everything else is HF's, through the shared second-order core: the gradient and curvature batches,
-backtracking over the saved (assembled) iterates and the Armijo line search. `restart_uphill` is refused:
+backtracking over the saved (assembled) iterates and the line search (`checks`, martens or release).
+`restart_uphill` is refused:
 each block's CG starts from its own warm start.
 
 Damping (`block_damping`):
@@ -16,7 +17,7 @@ Damping (`block_damping`):
     model the block-diagonal one, with `rho_model: undamped` too);
   - "per_block": a λ_b per block (it needs `cut_products`), each adapted by the same rule on its own ratio
     ρ_b = (f(θ + P_b d) − f(θ)) / q_b(P_b d), with q_b the block's quadratic model, g_bᵀd_b + ½ d_bᵀA_bb d_b,
-    at the chosen direction d (after backtracking). It costs K forward passes on the backtracking batch and
+    at the chosen direction d (after backtracking). It costs K forward passes on ρ's batch and
     one block-diagonal product per update (none with `rho_model: undamped`: it reuses the ratio's product).
     A block where d is zero keeps its λ_b. Martens' preconditioner takes each coordinate's λ_b. The
     statistics give `lambda` as the geometric mean of the λ_b, with `lambda_min` and `lambda_max`, and

@@ -36,12 +36,14 @@ Steps 2–4 are `checks: martens`, all on one batch: the gradient batch, or a
 separate one of `backtrack_batch_size`. `checks: release` makes them as
 Sutskever's RNN release does (`opt/hf.py`, `BT_eval='objective'`), each on its
 own chunk of the gradient batch:
-2'. the CG iterates after iterations 1, 11, 21, … and the last are judged by f
-    on the gradient batch's second chunk; the best of them is kept;
-3'. ρ compares f on the curvature chunk (the first) with q;
-4'. the line search, on the third chunk, takes the first α = 0.8ᵏ that
-    decreases f at all (k ≤ `max_line_search`; the release tries 50, k ≤ 49),
-    and with α = 0 the next CG starts from zero.
+2'. the CG iterates after iterations 1, 11, 21, … (and the last, where CG
+    stopped before its cap) are judged by f on the gradient batch's second
+    chunk; the best of them is kept;
+3'. ρ compares f on the curvature chunk (the first) with q(d), evaluated again
+    with one more curvature product, as the release does;
+4'. the line search, on the third chunk, takes the first α = 0.8ᵏ, k ≤ 49, that
+    decreases f at all (`line_search_*` and `max_line_search` are Armijo's), and
+    with α = 0 the next CG starts from zero.
 With fewer chunks the release's fallbacks apply: backtracking on the first,
 the line search on the whole gradient batch.
 
@@ -78,6 +80,7 @@ RHO_MODELS = ("damped", "undamped")
 WARM_STARTS = ("solution", "step", "none")
 CHECKS = ("martens", "release")
 RELEASE_CHECK_EVERY = 10  # the release judges every 10th CG iterate (cg_eval_freq)
+RELEASE_LINE_SEARCH = dict(shrink=0.8, max_tries=49)  # the release tries α = 0.8ᵏ, k = 0 … 49
 
 
 class HessianFree:
@@ -107,6 +110,10 @@ class HessianFree:
         require(rho_model in RHO_MODELS, f"solver.rho_model must be one of {RHO_MODELS}, got {rho_model!r}")
         require(warm_start in WARM_STARTS, f"solver.warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
         require(checks in CHECKS, f"solver.checks must be one of {CHECKS}, got {checks!r}")
+        require(checks == "martens" or rho_model == "damped",
+               "solver.checks=release computes the reduction ratio as Sutskever's release does, against the damped "
+               "quadratic model, but solver.rho_model=undamped asks for Martens' undamped one. Set "
+               "solver.rho_model=damped, or solver.checks=martens.")
         require(checks == "martens" or not backtrack_batch_size,
                "solver.checks=release judges each step on chunks of the gradient batch, as Sutskever's release "
                "does (its 2nd chunk for backtracking, the curvature chunk for the reduction ratio, its 3rd for "
@@ -217,11 +224,13 @@ class HessianFree:
                 values_before[id(batch)] = self.objective.value(theta, batch)
             return values_before[id(batch)]
 
-        chosen_iter, direction, backtrack_value = self._backtrack(theta, cg.iterates, backtrack_batch)
+        chosen_iter, direction, backtrack_value = self._backtrack(theta, self._judged_iterates(cg), backtrack_batch)
         objective_before = value_before(rho_batch)
         objective_after = (backtrack_value if rho_batch is backtrack_batch
                            else self.objective.value(theta + direction, rho_batch))
         model_reduction, undamped_curvature_direction = cg.q_values[chosen_iter], None
+        if self.checks == "release":  # the release evaluates q(d) again, with one more product
+            model_reduction, _ = quadratic_value(self._model_curvature(damped_curvature), gradient, direction)
         if self.rho_model == "undamped":
             damped_curvature.set_damping(0.0)  # drops both λI and μλ·G_S
             model_reduction, undamped_curvature_direction = quadratic_value(
@@ -316,6 +325,17 @@ class HessianFree:
                  else gradient_batch)
         return batch, batch, batch
 
+    def _judged_iterates(self, cg: CGResult) -> list[tuple[int, Tensor]]:
+        """The CG iterates backtracking chooses from. Martens: all saved ones. Release: those after iterations
+        1, 11, 21, …, and the last where CG stopped before its cap (the release never judges a capped run's last
+        iterate unless it falls on the schedule)."""
+        if self.checks == "martens":
+            return cg.iterates
+        stopped_early = cg.iterations < self.cg_max_iters or cg.stop_reason not in ("max_iters", "blocks")
+        judged = [(iteration, x) for iteration, x in cg.iterates
+                  if (iteration - 1) % RELEASE_CHECK_EVERY == 0 or (iteration == cg.iterations and stopped_early)]
+        return judged or cg.iterates[-1:]  # no CG step at all: its start
+
     def _backtrack(self, theta: Tensor, iterates, batch) -> tuple[int, Tensor, float]:
         """Choose among the saved CG iterates by f on `batch`; return (iteration, d, f(θ+d)). Martens: walk back
         from the last while f keeps improving. Release: the best of them all."""
@@ -340,7 +360,7 @@ class HessianFree:
             return self.objective.value(theta + rate * direction, batch)
 
         if self.checks == "release":
-            return first_decrease(value_at, before, shrink=self.line_search_shrink, max_tries=self.max_line_search)
+            return first_decrease(value_at, before, **RELEASE_LINE_SEARCH)
         return armijo(value_at, before, float(gradient.dot(direction)),
                       value_at(1.0) if value_at_first is None else value_at_first, c=self.line_search_c,
                       shrink=self.line_search_shrink, max_tries=self.max_line_search)
