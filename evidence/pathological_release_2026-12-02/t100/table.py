@@ -1,11 +1,13 @@
 """The README's T = 100 tables from the runs' summaries (kept in git):
     python evidence/pathological_release_2026-12-02/t100/table.py
-HF runs are in t100/<task>/s<seed> (addition_T200 among them); the first-order rows in ../t100fo/<solver>/<task>/s<seed>."""
+HF runs are in t100/<task>/s<seed> (addition_T200 among them); the first-order rows in ../t100fo/<solver>/<task>/s<seed>;
+candidate changes to HF in ../t100_candidates/<candidate>/<task>/s<seed>."""
 import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
 FIRST_ORDER = HERE.parent / "t100fo"
+CANDIDATES = HERE.parent / "t100_candidates"
 MS2011 = {  # M&S 2011 Figure 3 with structural damping: failure rate, mean k-minibatches to success (T = 100 unless named)
     "addition": (0, 3.7), "multiplication": (0, 9.1), "temporal_order": (0.25, 3.8), "temporal_order3": (0, 13.3),
     "permutation": (0, 3.5), "xor": (0.75, 10.5), "memorization5": (0, 3.0), "memorization20": (0, 13.5),
@@ -51,8 +53,27 @@ def first_order_table() -> None:
                       f"{summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | {hf} |")
 
 
+def candidates_table() -> None:
+    print("| candidate | task | seed | status | k-minibatches | updates | held-out error | seconds | defaults, same seed: status, k-minibatches, updates |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for candidate in sorted(path for path in CANDIDATES.iterdir() if path.is_dir()):
+        for task in MS2011:
+            for run in _finished((candidate / task).glob("s*")):
+                summary = _summary(run)
+                defaults = _finished([HERE / task / run.name])
+                default = _summary(defaults[0]) if defaults else None
+                versus = (f"{default['status']}, {_k_minibatches(default)}, {default['updates']}" if default
+                          else "not run")
+                print(f"| {candidate.name} | {task} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
+                      f"{summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
+                      f"{versus} |")
+
+
 if __name__ == "__main__":
     hf_table()
     if FIRST_ORDER.exists():
         print()
         first_order_table()
+    if CANDIDATES.exists():
+        print()
+        candidates_table()
