@@ -7,7 +7,8 @@ every other numeric statistic the solver returns (learning rate, λ, ρ, CG
 iterations…) under `solver/`.
 
 metrics.jsonl holds the same per-update figures, one JSON object per line: {"kind": "update", "update",
-"wall_s", "examples_grad", "examples_curv", "loss", <solver statistics>} after each update and {"kind": "eval",
+"wall_s", "examples_grad", "examples_curv", "loss", <solver statistics: numbers, and short text TensorBoard cannot
+plot, such as HF's `cg_stop`>} after each update and {"kind": "eval",
 "update", "wall_s", "examples_grad", "examples_curv", "val": {metric: value}} after each evaluation (kind
 "final_eval" for the evaluation of the model a run stopped at between scheduled ones). It is
 what `hfrun-report --plot` reads: plain JSON that any tool can read, written whether TensorBoard is on or off,
@@ -166,7 +167,7 @@ class RunLogger:
         self.counters = {key: counters[key] for key in COUNTERS}
         self.metrics_file.write({"kind": "update", "update": update, "wall_s": wall_time, **self.counters,
                                  **{key: value for key, value in stats.items() if key not in COUNTERS
-                                    and isinstance(value, (int, float))}})
+                                    and isinstance(value, (int, float, str))}})
         if self.writer:
             self.writer.add_scalar("train/loss", stats["loss"], update)
             for key, value in stats.items():

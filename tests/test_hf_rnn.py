@@ -49,3 +49,5 @@ def test_hf_with_the_release_checks_solves_tiny_addition(make_config, tmp_path):
     judged = [(u["cg_chosen_iter"], u["cg_iters"]) for u in updates]
     assert all(chosen % 10 == 1 or chosen == last for chosen, last in judged), judged
     assert any(chosen != last for chosen, last in judged), judged  # backtracking did choose an earlier one
+    stops = {u["cg_stop"] for u in updates}  # why each CG stopped, kept as text in metrics.jsonl
+    assert stops <= {"progress", "max_iters", "negative_curvature", "converged"} and "progress" in stops, stops

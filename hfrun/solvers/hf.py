@@ -249,7 +249,8 @@ class HessianFree:
         # Forward-only evaluations (backtracking, line search) are not counted as examples, as in M&S 2011.
         stats = {
             "loss": data_loss, "objective": loss_before, "lambda": self.damping, "rho": rho,
-            "cg_iters": cg.iterations, "cg_chosen_iter": chosen_iter, "cg_q_start": cg.q_warm_start,
+            "cg_iters": cg.iterations, "cg_stop": cg.stop_reason, "cg_chosen_iter": chosen_iter,
+            "cg_q_start": cg.q_warm_start,
             "cg_restarted": float(cg.restarted), "q_reduction": -model_reduction,
             "actual_reduction": objective_before - objective_after,
             "line_search_reduction": value_before(line_search_batch) - objective_final, "step_size": step_size,

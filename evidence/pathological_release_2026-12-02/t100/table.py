@@ -23,19 +23,31 @@ def _finished(runs) -> list[Path]:
     return sorted(run for run in runs if (run / "summary.json").exists())
 
 
+def _left_plateau(run: Path, summary: dict) -> str:
+    """k-minibatches at the first held-out error below half the first one (chance, on every task): where the run
+    left its plateau ("–" if it has not)."""
+    unit = summary.get("minibatch_size", 1000)
+    evals = [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if row["kind"] == "eval"]
+    for row in evals:
+        if row["val"]["error"] < evals[0]["val"]["error"] / 2:
+            return f"{(row['examples_grad'] + row['examples_curv']) / unit / 1000:.2f}"
+    return "–"
+
+
 def _k_minibatches(summary: dict) -> str:
     unit = "" if summary.get("minibatch_size", 1000) == 1000 else f" (of {summary['minibatch_size']})"
     return f"{summary['minibatches'] / 1000:.2f}{unit}"
 
 
 def hf_table() -> None:
-    print("| task | seed | status | k-minibatches | updates | held-out error | seconds | M&S 2011: failed, k-minibatches |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| task | seed | status | k-minibatches | error halved at k-minibatches | updates | held-out error | seconds "
+          "| M&S 2011: failed, k-minibatches |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for task, (failed, k) in MS2011.items():
         for run in _finished((HERE / task).glob("s*")):
             summary = _summary(run)
             print(f"| {task} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
-                  f"{summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
+                  f"{_left_plateau(run, summary)} | {summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
                   f"{failed:g}, {k} |")
 
 
@@ -54,18 +66,19 @@ def first_order_table() -> None:
 
 
 def candidates_table() -> None:
-    print("| candidate | task | seed | status | k-minibatches | updates | held-out error | seconds | defaults, same seed: status, k-minibatches, updates |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| candidate | task | seed | status | k-minibatches | error halved at k-minibatches | updates | held-out error "
+          "| seconds | defaults, same seed: status, k-minibatches, error halved at, updates |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for candidate in sorted(path for path in CANDIDATES.iterdir() if path.is_dir()):
         for task in MS2011:
             for run in _finished((candidate / task).glob("s*")):
                 summary = _summary(run)
                 defaults = _finished([HERE / task / run.name])
                 default = _summary(defaults[0]) if defaults else None
-                versus = (f"{default['status']}, {_k_minibatches(default)}, {default['updates']}" if default
-                          else "not run")
+                versus = (f"{default['status']}, {_k_minibatches(default)}, {_left_plateau(defaults[0], default)}, "
+                          f"{default['updates']}" if default else "not run")
                 print(f"| {candidate.name} | {task} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
-                      f"{summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
+                      f"{_left_plateau(run, summary)} | {summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
                       f"{versus} |")
 
 
