@@ -279,6 +279,29 @@ def test_rnn_without_biases_and_with_a_learned_initial_state_against_a_hand_loop
     torch.testing.assert_close(gradient, reference, rtol=1e-10, atol=1e-12)
 
 
+def test_a_learned_initial_state_starts_where_initial_state_std_draws_it_after_the_weights():
+    torch.manual_seed(3)
+    zero_start = RNN(2, 1, hidden_size=4000, bias=False, initial_state="learned")
+    torch.manual_seed(3)
+    drawn = RNN(2, 1, hidden_size=4000, bias=False, initial_state="learned", initial_state_std=0.258)
+    assert torch.count_nonzero(zero_start.initial_state) == 0
+    assert abs(drawn.initial_state.mean().item()) < 0.02  # 4000 draws: the mean's sd is 0.004
+    assert abs(drawn.initial_state.std().item() - 0.258) < 0.01  # and the sd's about 0.003
+    for (name, weight), (_, same) in zip(zero_start.named_parameters(), drawn.named_parameters()):
+        if name != "initial_state":  # h_0 is drawn last: the weights are those of the zero start
+            assert torch.equal(weight, same), name
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(initial_state_std=0.1), "set model.initial_state=learned"),
+    (dict(initial_state="learned", initial_state_std=-1.0), "finite number >= 0"),
+    (dict(initial_state="learned", initial_state_std=float("nan")), "finite number >= 0"),
+])
+def test_a_bad_initial_state_std_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RNN(2, 1, hidden_size=4, **settings)
+
+
 @pytest.mark.parametrize("impl", ["analytic", "loop"])
 def test_curvature_of_the_release_rnn_matches_dense_with_structural_damping(impl):
     from test_curvature import assert_close_matrices, dense_ggn, operator_matrix, parameter_dict

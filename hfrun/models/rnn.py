@@ -19,7 +19,8 @@ Initializations:
   - "spectral" (Sutskever et al. 2013): W_hh sparse as above, then rescaled to
     spectral radius `spectral_radius`; W_ih = 0.001·N(0, 1), dense;
     W_ho sparse as above. `input_scale` is not used.
-  All biases (where the model has them) and a learned h_0 start at zero. Draws come from
+  All biases (where the model has them) start at zero, and a learned h_0 too unless `initial_state_std`
+  says otherwise. Draws come from
   torch's global RNG.
 """
 from __future__ import annotations
@@ -141,13 +142,15 @@ class RNN(nn.Module):
     Sutskever's release differs in two ways, each an option: it has no biases
     (`bias=False`) and it learns the initial hidden state h_0
     (`initial_state="learned"`, a parameter `initial_state` of size H,
-    starting at 0; the default "zero" fixes h_0 = 0).
+    starting at 0, or at N(0, initial_state_std²) drawn after the weights; the default "zero" fixes h_0 = 0).
+    The release's `initialize_self` sparsifies h_0 like every other array: with one row, all of it is
+    non-zero, N(0, 1)/√15, so its own start is `initial_state_std=0.258`.
     """
 
     def __init__(self, input_size: int, output_size: int, hidden_size: int = 100, init: str = "sparse",
                  sparse_fan_in: int = 15, input_scale: float = 0.25, spectral_radius: float = 1.1,
                  impl: str = "analytic", sparse_scale: str = "nonzeros", bias: bool = True,
-                 initial_state: str = "zero"):
+                 initial_state: str = "zero", initial_state_std: float = 0.0):
         super().__init__()
         for label, size in (("input_size", input_size), ("output_size", output_size),
                             ("hidden_size", hidden_size), ("sparse_fan_in", sparse_fan_in)):
@@ -165,6 +168,13 @@ class RNN(nn.Module):
             raise ValueError(f"model.spectral_radius must be finite and > 0, got {spectral_radius!r}")
         if initial_state not in INITIAL_STATES:
             raise ValueError(f"model.initial_state={initial_state!r} is unknown; choose one of {INITIAL_STATES}")
+        if not (isinstance(initial_state_std, (int, float)) and math.isfinite(initial_state_std)
+                and initial_state_std >= 0):
+            raise ValueError(f"model.initial_state_std must be a finite number >= 0, got {initial_state_std!r}")
+        if initial_state_std > 0 and initial_state != "learned":
+            raise ValueError(f"model.initial_state_std={initial_state_std} draws a learned h_0's start, but "
+                             f"model.initial_state={initial_state!r} fixes h_0 = 0; set model.initial_state=learned "
+                             "or leave initial_state_std at 0")
         self.input_size, self.output_size, self.hidden_size = input_size, output_size, hidden_size
         self.init, self.impl = init, impl
         self.rnn = nn.RNN(input_size, hidden_size, nonlinearity="tanh", batch_first=True, bias=bool(bias))
@@ -173,6 +183,8 @@ class RNN(nn.Module):
         with torch.no_grad():
             INITIALIZERS[init](self, sparse_fan_in=sparse_fan_in, sparse_scale=sparse_scale,
                                input_scale=input_scale, spectral_radius=spectral_radius)
+            if initial_state_std > 0:  # drawn last, so the weights' draws are those of a zero start
+                self.initial_state.normal_(0.0, initial_state_std)
 
     def _check_inputs(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.input_size:
