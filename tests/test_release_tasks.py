@@ -294,8 +294,8 @@ def test_a_learned_initial_state_starts_where_initial_state_std_draws_it_after_t
 
 @pytest.mark.parametrize("settings, message", [
     (dict(initial_state_std=0.1), "set model.initial_state=learned"),
-    (dict(initial_state="learned", initial_state_std=-1.0), "finite number >= 0"),
-    (dict(initial_state="learned", initial_state_std=float("nan")), "finite number >= 0"),
+    (dict(initial_state="learned", initial_state_std=-1.0), "initial_state_std must be finite and >= 0"),
+    (dict(initial_state="learned", initial_state_std=float("nan")), "initial_state_std must be finite and >= 0"),
 ])
 def test_a_bad_initial_state_std_is_refused(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -162,15 +162,13 @@ class RNN(nn.Module):
             raise ValueError(f"model.impl={impl!r} is unknown; choose one of {sorted(HIDDEN_STATES)}")
         if sparse_scale not in SPARSE_SCALES:
             raise ValueError(f"model.sparse_scale={sparse_scale!r} is unknown; choose one of {SPARSE_SCALES}")
-        if not (math.isfinite(input_scale) and input_scale >= 0):
-            raise ValueError(f"model.input_scale must be finite and >= 0, got {input_scale!r}")
+        for label, scale in (("input_scale", input_scale), ("initial_state_std", initial_state_std)):
+            if not (math.isfinite(scale) and scale >= 0):
+                raise ValueError(f"model.{label} must be finite and >= 0, got {scale!r}")
         if not (math.isfinite(spectral_radius) and spectral_radius > 0):
             raise ValueError(f"model.spectral_radius must be finite and > 0, got {spectral_radius!r}")
         if initial_state not in INITIAL_STATES:
             raise ValueError(f"model.initial_state={initial_state!r} is unknown; choose one of {INITIAL_STATES}")
-        if not (isinstance(initial_state_std, (int, float)) and math.isfinite(initial_state_std)
-                and initial_state_std >= 0):
-            raise ValueError(f"model.initial_state_std must be a finite number >= 0, got {initial_state_std!r}")
         if initial_state_std > 0 and initial_state != "learned":
             raise ValueError(f"model.initial_state_std={initial_state_std} draws a learned h_0's start, but "
                              f"model.initial_state={initial_state!r} fixes h_0 = 0; set model.initial_state=learned "
