@@ -99,9 +99,10 @@ def validate_run_config(cfg: DictConfig) -> None:
         _require(_is_int(value) and value >= 1,
                  f"run.{key} must be a positive integer, got {value!r} ({type(value).__name__}). "
                  f"Example: run.{key}=100.")
-    seconds = run.max_seconds
-    _require(seconds is None or (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0),
-             f"run.max_seconds must be a positive number or null, got {seconds!r}. Example: run.max_seconds=3600.")
+    for key, example in (("max_seconds", 3600), ("max_minibatches", 50000)):
+        value = run.get(key)
+        _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                 f"run.{key} must be a positive number or null, got {value!r}. Example: run.{key}={example}.")
     _require(run.device in ("auto", "cpu", "cuda"),
              f"run.device must be auto, cpu or cuda, got {run.device!r}.")
     _require(run.dtype in DTYPES, f"run.dtype must be one of {sorted(DTYPES)}, got {run.dtype!r}.")
@@ -528,6 +529,20 @@ class Run:
         if self.parallel.is_main:
             save_checkpoint(self._state(), self.checkpoint_dir / f"{name}.pt")
 
+    def _minibatches(self, progress: Progress) -> float:
+        """Minibatches so far in M&S 2011's unit: cases seen by gradients and curvature products over
+        task.published_minibatch (1000; 32 for 5-bit memorization). run.max_minibatches counts these."""
+        return (progress.examples_grad + progress.examples_curv) / self.task.published_minibatch
+
+    def _budget_spent(self, progress: Progress) -> bool:
+        """Whether a budget binds: run.max_updates, run.max_seconds or run.max_minibatches (the last two may be
+        null). Each counts the whole run, over resumes."""
+        run = self.cfg.run
+        return (progress.update >= run.max_updates
+                or (run.max_seconds is not None and progress.wall_time_s >= run.max_seconds)
+                or (run.get("max_minibatches") is not None
+                    and self._minibatches(progress) >= run.max_minibatches))
+
     def _record_solved(self, progress: Progress, metrics: dict[str, float]) -> bool:
         """Note the first evaluation at which the task's success criterion holds; True when it holds now."""
         if not self.task.is_solved(metrics):
@@ -535,7 +550,7 @@ class Run:
         if not progress.solved_at:
             progress.solved_at = {"update": progress.update, "examples_grad": progress.examples_grad,
                                   "examples_curv": progress.examples_curv,
-                                  "minibatches": (progress.examples_grad + progress.examples_curv) / self.task.published_minibatch}
+                                  "minibatches": self._minibatches(progress)}
         return True
 
     def _after_eval(self, metrics: dict[str, float]) -> str | None:
@@ -582,7 +597,9 @@ class Run:
         if self.parallel.is_main:
             logger = RunLogger(self.run_dir, OmegaConf.to_yaml(cfg), tensorboard=cfg.logger.tensorboard,
                                progress=cfg.logger.progress, max_updates=cfg.run.max_updates,
-                               max_seconds=cfg.run.max_seconds, start_update=p.update, start_seconds=p.wall_time_s,
+                               max_seconds=cfg.run.max_seconds, max_minibatches=cfg.run.get("max_minibatches"),
+                               minibatch_size=self.task.published_minibatch,
+                               start_update=p.update, start_seconds=p.wall_time_s,
                                metric_name=self.task.metric_name, start_counters=asdict(p),
                                hparams=hparams_of(OmegaConf.to_container(cfg, resolve=True)))
         else:
@@ -592,7 +609,7 @@ class Run:
         try:
             try:
                 with StopRequest() as stop:
-                    if p.update >= cfg.run.max_updates:
+                    if self._budget_spent(p):
                         status = "budget"
                     while status is None:
                         status, message = self._update(stop, logger, started)
@@ -673,9 +690,7 @@ class Run:
             status = self._after_eval(metrics)
         if status is None and stats.get("stalled"):
             status, message = "stalled", str(stats["stalled"])
-        if status is None and p.update >= cfg.run.max_updates:
-            status = "budget"
-        if status is None and cfg.run.max_seconds is not None and p.wall_time_s >= cfg.run.max_seconds:
+        if status is None and self._budget_spent(p):
             status = "budget"
         if status is None and stop.requested:
             status = "interrupted"
@@ -705,7 +720,7 @@ class Run:
             "seed": int(cfg.seed), "status": status, "device": str(self.device), "dtype": cfg.run.dtype,
             "updates": p.update, "examples_grad": p.examples_grad, "examples_curv": p.examples_curv,
             # M&S 2011's unit: minibatches of task.published_minibatch cases (1000; 32 for 5-bit memorization)
-            "minibatches": (p.examples_grad + p.examples_curv) / self.task.published_minibatch,
+            "minibatches": self._minibatches(p),
             "minibatch_size": self.task.published_minibatch,
             **({"task_protocol": self.task.protocol} if hasattr(self.task, "protocol") else {}),
             "wall_time_s": round(p.wall_time_s, 3),

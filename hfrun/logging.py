@@ -116,12 +116,15 @@ def _clock(seconds: float) -> str:
 class RunLogger:
     def __init__(self, run_dir: Path, config_yaml: str, *, tensorboard: bool, progress: bool,
                  max_updates: int, start_update: int, metric_name: str, max_seconds: float | None = None,
+                 max_minibatches: float | None = None, minibatch_size: int = 1000,
                  start_seconds: float = 0.0, hparams: dict | None = None, start_counters: dict | None = None):
         self.metric_name, self.max_updates, self.max_seconds = metric_name, max_updates, max_seconds
+        self.max_minibatches, self.minibatch_size = max_minibatches, minibatch_size
         self.start_update, self.start_seconds, self.started = start_update, start_seconds, time.monotonic()
         self.loss, self.metric, self.wall_time = "-", "-", start_seconds
         self.hparams = hparams or {}
         self.counters = {key: (start_counters or {}).get(key, 0) for key in COUNTERS}
+        self.start_minibatches = self._minibatches()
         self.writer = None
         if tensorboard:
             # purge_step drops events a stopped run wrote after its last checkpoint.
@@ -131,7 +134,7 @@ class RunLogger:
         self.metrics_file = MetricsFile(Path(run_dir) / METRICS_FILE, start_update)
         self.progress = None
         if progress:
-            # The bar shows the share of the budget spent: updates, or seconds where run.max_seconds binds first.
+            # The bar shows the share of the budget spent: updates, seconds or minibatches, whichever binds first.
             self.progress = Progress(TextColumn("[bold]{task.fields[where]}"), BarColumn(),
                                      TextColumn("loss {task.fields[loss]}"),
                                      TextColumn("val {task.fields[metric_name]} {task.fields[metric]}"),
@@ -142,24 +145,38 @@ class RunLogger:
                 where=self._where(start_update), loss="-", metric="-", metric_name=metric_name, eta="-")
             self.progress.start()
 
+    def _minibatches(self) -> float:
+        """Minibatches so far in the summary's unit (run.max_minibatches counts these)."""
+        return sum(self.counters.values()) / self.minibatch_size
+
     def _where(self, update: int) -> str:
-        budget = f"/{self.max_updates}" if self.max_seconds is None else f"/{self.max_updates} or {self.max_seconds:g} s"
+        budget = f"/{self.max_updates}"
+        if self.max_seconds is not None:
+            budget += f" or {self.max_seconds:g} s"
+        if self.max_minibatches is not None:
+            budget += f" or {self.max_minibatches:g} minibatches"
         return f"update {update}{budget}"
 
     def _budget_spent(self, update: int, seconds: float) -> float:
         share = update / self.max_updates
         if self.max_seconds is not None:
             share = max(share, seconds / self.max_seconds)
+        if self.max_minibatches is not None:
+            share = max(share, self._minibatches() / self.max_minibatches)
         return min(share, 1.0)
 
     def _eta(self, update: int, seconds: float) -> str:
-        """Time to the first budget that binds, from the pace of this session's updates."""
+        """Time to the first budget that binds, from the pace of this session's updates and minibatches."""
         done = update - self.start_update
         if done <= 0:
             return "-"
-        remaining = (self.max_updates - update) * (time.monotonic() - self.started) / done
+        elapsed = time.monotonic() - self.started
+        remaining = (self.max_updates - update) * elapsed / done
         if self.max_seconds is not None:
             remaining = min(remaining, self.max_seconds - seconds)
+        minibatches_done = self._minibatches() - self.start_minibatches
+        if self.max_minibatches is not None and minibatches_done > 0:
+            remaining = min(remaining, (self.max_minibatches - self._minibatches()) * elapsed / minibatches_done)
         return _clock(remaining)
 
     def log_update(self, update: int, stats: dict, counters: dict[str, float], wall_time: float) -> None:

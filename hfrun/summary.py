@@ -2,7 +2,7 @@
 
 Statuses (`status`):
   solved         the task's success criterion held (at a scheduled evaluation or the final one)
-  budget         run.max_updates or run.max_seconds was spent
+  budget         run.max_updates, run.max_seconds or run.max_minibatches was spent
   early_stopped  run.early_stop.patience evaluations without improvement
   stalled        the solver reported that it can make no more progress (e.g. HF's λ at damping_max)
   diverged       the loss or the parameters became NaN/inf

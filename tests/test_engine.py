@@ -174,6 +174,9 @@ def test_an_unexpected_error_still_leaves_a_summary(make_config, tmp_path):
     ("run.early_stop.min_delta=abc", "run.early_stop.min_delta must be a number"),
     ("run.max_updates=abc", "run.max_updates must be a positive integer"),
     ("run.eval_every=0", "run.eval_every must be a positive integer"),
+    ("run.max_seconds=-1", "run.max_seconds must be a positive number or null"),
+    ("run.max_minibatches=0", "run.max_minibatches must be a positive number or null"),
+    ("run.max_minibatches=true", "run.max_minibatches must be a positive number or null"),
     ("run.device=tpu", "run.device must be auto, cpu or cuda"),
     ("run.dtype=float16", "run.dtype must be one of"),
     ("run.threads=0", "run.threads must be a positive integer or null"),
@@ -312,6 +315,28 @@ def test_budget_in_seconds(make_config, tmp_path):
     summary = Run(make_config("run.max_updates=100000000", "run.max_seconds=1"), tmp_path).train()
     assert summary["status"] == "budget" and 1 <= summary["wall_time_s"] < 10
     assert math.isfinite(summary["final_val_loss"])
+
+
+def _cases_per_update(run_dir):
+    updates = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [u["examples_grad"] + u["examples_curv"] for u in updates if u["kind"] == "update"]
+
+
+def test_budget_in_minibatches_counts_the_whole_run_over_resumes(make_config, tmp_path):
+    """run.max_minibatches stops a run at the first update whose cases (gradient and curvature together) reach
+    that many of the task's published minibatches (1000 cases for linreg); a resume with a larger budget goes on
+    to it, and one with the budget already spent makes no update."""
+    first = Run(make_config("solver.lr=0.01", "run.max_minibatches=0.45"), tmp_path).train()
+    cases = _cases_per_update(tmp_path)
+    assert first["status"] == "budget" and first["updates"] == len(cases) < 1000
+    assert cases[-1] >= 450 > cases[-2] and first["minibatches"] == cases[-1] / 1000
+    resumed = Run(make_config("solver.lr=0.01", "run.max_minibatches=0.95", f"run.resume={tmp_path}"),
+                  tmp_path).train()
+    cases = _cases_per_update(tmp_path)
+    assert resumed["status"] == "budget" and cases[-1] >= 950 > cases[-2]
+    again = Run(make_config("solver.lr=0.01", "run.max_minibatches=0.95", f"run.resume={tmp_path}"),
+                tmp_path).train()
+    assert again["status"] == "budget" and again["updates"] == resumed["updates"]
 
 
 # ---------------------------------------------------------------- how runs end (issue: honest results)
