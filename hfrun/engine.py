@@ -534,14 +534,19 @@ class Run:
         task.published_minibatch (1000; 32 for 5-bit memorization). run.max_minibatches counts these."""
         return (progress.examples_grad + progress.examples_curv) / self.task.published_minibatch
 
-    def _budget_spent(self, progress: Progress) -> bool:
-        """Whether a budget binds: run.max_updates, run.max_seconds or run.max_minibatches (the last two may be
-        null). Each counts the whole run, over resumes."""
+    def _budget_spent(self, progress: Progress) -> str | None:
+        """Which budget binds, as the summary's message, or None: run.max_updates, run.max_seconds or
+        run.max_minibatches (the last two may be null). Each counts the whole run, over resumes, and binds at the
+        first update that reaches it."""
         run = self.cfg.run
-        return (progress.update >= run.max_updates
-                or (run.max_seconds is not None and progress.wall_time_s >= run.max_seconds)
-                or (run.get("max_minibatches") is not None
-                    and self._minibatches(progress) >= run.max_minibatches))
+        if progress.update >= run.max_updates:
+            return f"run.max_updates={run.max_updates} reached."
+        if run.max_seconds is not None and progress.wall_time_s >= run.max_seconds:
+            return f"run.max_seconds={run.max_seconds:g} reached ({progress.wall_time_s:.0f} s)."
+        minibatches = self._minibatches(progress)
+        if run.get("max_minibatches") is not None and minibatches >= run.max_minibatches:
+            return f"run.max_minibatches={run.max_minibatches:g} reached ({minibatches:.1f} minibatches)."
+        return None
 
     def _record_solved(self, progress: Progress, metrics: dict[str, float]) -> bool:
         """Note the first evaluation at which the task's success criterion holds; True when it holds now."""
@@ -609,7 +614,7 @@ class Run:
         try:
             try:
                 with StopRequest() as stop:
-                    if self._budget_spent(p):
+                    if message := self._budget_spent(p):
                         status = "budget"
                     while status is None:
                         status, message = self._update(stop, logger, started)
@@ -690,8 +695,8 @@ class Run:
             status = self._after_eval(metrics)
         if status is None and stats.get("stalled"):
             status, message = "stalled", str(stats["stalled"])
-        if status is None and self._budget_spent(p):
-            status = "budget"
+        if status is None and (spent := self._budget_spent(p)):
+            status, message = "budget", spent
         if status is None and stop.requested:
             status = "interrupted"
         if self.parallel.active:  # stop together: rank 0's clock and Ctrl-C decide for every process

@@ -154,7 +154,7 @@ class RunLogger:
         if self.max_seconds is not None:
             budget += f" or {self.max_seconds:g} s"
         if self.max_minibatches is not None:
-            budget += f" or {self.max_minibatches:g} minibatches"
+            budget += f" or {self._minibatches():.4g}/{self.max_minibatches:g} minibatches"
         return f"update {update}{budget}"
 
     def _budget_spent(self, update: int, seconds: float) -> float:

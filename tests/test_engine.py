@@ -329,6 +329,7 @@ def test_budget_in_minibatches_counts_the_whole_run_over_resumes(make_config, tm
     first = Run(make_config("solver.lr=0.01", "run.max_minibatches=0.45"), tmp_path).train()
     cases = _cases_per_update(tmp_path)
     assert first["status"] == "budget" and first["updates"] == len(cases) < 1000
+    assert first["message"] == f"run.max_minibatches=0.45 reached ({cases[-1] / 1000:.1f} minibatches)."
     assert cases[-1] >= 450 > cases[-2] and first["minibatches"] == cases[-1] / 1000
     resumed = Run(make_config("solver.lr=0.01", "run.max_minibatches=0.95", f"run.resume={tmp_path}"),
                   tmp_path).train()
@@ -336,7 +337,20 @@ def test_budget_in_minibatches_counts_the_whole_run_over_resumes(make_config, tm
     assert resumed["status"] == "budget" and cases[-1] >= 950 > cases[-2]
     again = Run(make_config("solver.lr=0.01", "run.max_minibatches=0.95", f"run.resume={tmp_path}"),
                 tmp_path).train()
-    assert again["status"] == "budget" and again["updates"] == resumed["updates"]
+    assert again["status"] == "budget"
+    for key in ("updates", "minibatches", "final_val_mse", "best_val_mse"):
+        assert again[key] == resumed[key], key
+
+
+def test_a_resume_whose_time_is_spent_makes_no_update(make_config, tmp_path):
+    """Resumed with the run.max_seconds it already spent, a run ends at once with the figures it had."""
+    overrides = ("solver.lr=0.01", "run.max_updates=100000000", "run.max_seconds=0.5", "run.eval_every=100000")
+    first = Run(make_config(*overrides), tmp_path).train()
+    assert first["status"] == "budget" and first["message"].startswith("run.max_seconds=0.5 reached")
+    again = Run(make_config(*overrides, f"run.resume={tmp_path}"), tmp_path).train()
+    assert again["status"] == "budget" and again["message"].startswith("run.max_seconds=0.5 reached")
+    for key in ("updates", "minibatches", "wall_time_s", "final_val_mse", "best_val_mse"):
+        assert again[key] == first[key], key
 
 
 # ---------------------------------------------------------------- how runs end (issue: honest results)

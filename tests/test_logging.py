@@ -26,7 +26,7 @@ def test_an_update_budget_eta_follows_the_pace(tmp_path):
 def test_a_minibatch_budget_drives_the_bar_and_the_eta(tmp_path):
     logger = _logger(tmp_path, max_updates=1_000_000, start_update=10, max_minibatches=50, minibatch_size=1000,
                      start_counters={"examples_grad": 8000, "examples_curv": 2000})  # 10 minibatches so far
-    assert "or 50 minibatches" in logger._where(10) and logger._budget_spent(10, 5.0) == 0.2
+    assert "or 10/50 minibatches" in logger._where(10) and logger._budget_spent(10, 5.0) == 0.2
     logger.counters = {"examples_grad": 16000, "examples_curv": 4000}  # 10 more in this session's 10 updates
     logger.started -= 100.0  # ... which took 100 s
     assert logger._budget_spent(20, 105.0) == 0.4

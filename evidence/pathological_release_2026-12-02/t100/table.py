@@ -36,8 +36,10 @@ def _left_plateau(run: Path, summary: dict) -> str:
 
 
 def _status(summary: dict) -> str:
-    """The run's status; an HF run that spent M&S 2011's failure threshold (50k minibatches) unsolved has failed."""
-    failed = summary["status"] == "budget" and summary["minibatches"] >= FAILURE_THRESHOLD
+    """The run's status; an HF run that spent M&S 2011's failure threshold (50k minibatches) unsolved has failed,
+    as has one whose solving update took it past the threshold (run.max_minibatches binds after that update)."""
+    failed = ((summary["status"] == "budget" and summary["minibatches"] >= FAILURE_THRESHOLD)
+              or (summary["status"] == "solved" and summary["solved_minibatches"] > FAILURE_THRESHOLD))
     return f"failed at {FAILURE_THRESHOLD // 1000}k" if failed else summary["status"]
 
 
