@@ -69,7 +69,7 @@ def first_order_table() -> None:
                 summary = _summary(run)
                 hf_runs = _finished([HERE / task / run.name])
                 hf_summary = _summary(hf_runs[0]) if hf_runs else None
-                hf = f"{hf_summary['status']}, {_k_minibatches(hf_summary)}" if hf_summary else "not run"
+                hf = f"{_status(hf_summary)}, {_k_minibatches(hf_summary)}" if hf_summary else "not run"
                 print(f"| {task} | {solver} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
                       f"{summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | {hf} |")
 
@@ -84,7 +84,7 @@ def candidates_table() -> None:
                 summary = _summary(run)
                 defaults = _finished([HERE / task / run.name])
                 default = _summary(defaults[0]) if defaults else None
-                versus = (f"{default['status']}, {_k_minibatches(default)}, {_left_plateau(defaults[0], default)}, "
+                versus = (f"{_status(default)}, {_k_minibatches(default)}, {_left_plateau(defaults[0], default)}, "
                           f"{default['updates']}" if default else "not run")
                 print(f"| {candidate.name} | {task} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
                       f"{_left_plateau(run, summary)} | {summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
