@@ -86,7 +86,7 @@ def candidates_table() -> None:
                 default = _summary(defaults[0]) if defaults else None
                 versus = (f"{_status(default)}, {_k_minibatches(default)}, {_left_plateau(defaults[0], default)}, "
                           f"{default['updates']}" if default else "not run")
-                print(f"| {candidate.name} | {task} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
+                print(f"| {candidate.name} | {task} | {run.name[1:]} | {_status(summary)} | {_k_minibatches(summary)} | "
                       f"{_left_plateau(run, summary)} | {summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
                       f"{versus} |")
 
