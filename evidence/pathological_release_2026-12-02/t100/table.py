@@ -24,6 +24,12 @@ def _finished(runs) -> list[Path]:
     return sorted(run for run in runs if (run / "summary.json").exists())
 
 
+def _hf_same_seed(task: str, run: Path) -> Path | None:
+    """HF's run with the defaults on this task and seed (t100/<task>/s<seed>), if it has ended at least once."""
+    hf_runs = _finished([HERE / task / run.name])
+    return hf_runs[0] if hf_runs else None
+
+
 def _left_plateau(run: Path, summary: dict) -> str:
     """k-minibatches at the first held-out error below half the first one (chance, on every task): where the run
     left its plateau ("–" if it has not)."""
@@ -67,8 +73,8 @@ def first_order_table() -> None:
         for solver in ("adam", "sgd"):
             for run in _finished((FIRST_ORDER / solver / task).glob("s*")):
                 summary = _summary(run)
-                hf_runs = _finished([HERE / task / run.name])
-                hf_summary = _summary(hf_runs[0]) if hf_runs else None
+                hf_run = _hf_same_seed(task, run)
+                hf_summary = _summary(hf_run) if hf_run else None
                 hf = f"{_status(hf_summary)}, {_k_minibatches(hf_summary)}" if hf_summary else "not run"
                 print(f"| {task} | {solver} | {run.name[1:]} | {summary['status']} | {_k_minibatches(summary)} | "
                       f"{summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | {hf} |")
@@ -82,9 +88,9 @@ def candidates_table() -> None:
         for task in MS2011:
             for run in _finished((candidate / task).glob("s*")):
                 summary = _summary(run)
-                defaults = _finished([HERE / task / run.name])
-                default = _summary(defaults[0]) if defaults else None
-                versus = (f"{_status(default)}, {_k_minibatches(default)}, {_left_plateau(defaults[0], default)}, "
+                default_run = _hf_same_seed(task, run)
+                default = _summary(default_run) if default_run else None
+                versus = (f"{_status(default)}, {_k_minibatches(default)}, {_left_plateau(default_run, default)}, "
                           f"{default['updates']}" if default else "not run")
                 print(f"| {candidate.name} | {task} | {run.name[1:]} | {_status(summary)} | {_k_minibatches(summary)} | "
                       f"{_left_plateau(run, summary)} | {summary['updates']} | {summary['final_val_error']:.4g} | {summary['wall_time_s']:.0f} | "
