@@ -9,8 +9,8 @@ for rep in 1 2; do
     for cmd in "task=temporal_order_T30 run.eval_every=1 run.max_seconds=120" "task=addition_T30 run.eval_every=1 run.max_updates=8"; do
       name=$(echo "$cmd" | cut -d' ' -f1 | cut -d= -f2)
       dir=$out/$name-$policy-$rep
-      if [ $policy = default ]; then env -u OMP_WAIT_POLICY .venv/bin/hfrun solver=hf $cmd logger.progress=false hydra.run.dir=$dir > $dir.log 2>&1
-      else OMP_WAIT_POLICY=PASSIVE .venv/bin/hfrun solver=hf $cmd logger.progress=false hydra.run.dir=$dir > $dir.log 2>&1; fi
+      if [ $policy = default ]; then setting="-u OMP_WAIT_POLICY"; else setting="OMP_WAIT_POLICY=PASSIVE"; fi
+      env $setting .venv/bin/hfrun solver=hf $cmd logger.progress=false hydra.run.dir=$dir > $dir.log 2>&1
       python3 -c "import json; d=json.load(open('$dir/summary.json')); print('$name $policy $rep', d['status'], d['updates'], d['wall_time_s'], d['final_val_loss'])"
     done
   done
