@@ -6,7 +6,8 @@
 # Usage: bash run.sh OUT CAP task:seed [task:seed ...]     e.g.  bash run.sh /tmp/t100 3600 addition:0 xor:1
 # A task named with its length (addition_T200:0) runs at that length; a bare name runs at T = 100.
 # EXTRA, from the environment, adds overrides to every run (a candidate: EXTRA=solver.checks=release); a
-# resumed run needs the same EXTRA again.
+# resumed run needs the same EXTRA again. THREADS (default 1) is each run's run.threads: 2 for a run alone on
+# the machine.
 set -u
 source "$(dirname "$0")/common.sh"
 out=$1; cap=$2; shift 2
@@ -20,5 +21,5 @@ for spec in "$@"; do
     where="$where solver.jv_method=auto"
   fi
   hfrun solver=hf task=$config seed=$seed run.max_updates=100000 run.max_seconds=$cap run.max_minibatches=50000 \
-      run.eval_every=1 run.checkpoint_every=5 run.threads=1 logger.progress=false $where ${EXTRA:-}
+      run.eval_every=1 run.checkpoint_every=5 run.threads=${THREADS:-1} logger.progress=false $where ${EXTRA:-}
 done
