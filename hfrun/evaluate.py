@@ -18,17 +18,20 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 from rich.console import Console
 from rich.table import Table
 
 from hfrun.checkpoint import load_checkpoint
 from hfrun.engine import DTYPES, build_model, build_task, resolve_device, validate_run_config
 from hfrun.errors import HfrunError
+from hfrun.tasks.base import Task
 
 
-def evaluate_run(run_dir: Path, checkpoint: str = "last", overrides: tuple[str, ...] = (),
-                 device: str = "auto") -> dict:
-    """The held-out metrics of `run_dir`'s checkpoint on its task, rebuilt with `overrides`."""
+def load_run(run_dir: Path, checkpoint: str = "last", overrides: tuple[str, ...] = (),
+             device: str = "auto") -> tuple[dict, Task, nn.Module]:
+    """`run_dir`'s checkpoint state, its task rebuilt with `overrides` (held-out settings only), and its model
+    with the checkpoint's weights, in eval mode."""
     malformed = [override for override in overrides if "=" not in override or override.startswith(("+", "~"))]
     if malformed:
         raise HfrunError(f"--set takes KEY=VALUE pairs of keys the run's config has, got {', '.join(malformed)}. "
@@ -58,6 +61,13 @@ def evaluate_run(run_dir: Path, checkpoint: str = "last", overrides: tuple[str, 
                          f"({type(error).__name__}: {error}). Change only held-out settings, such as "
                          "task.eval_sequences or task.eval_seed.") from None
     model.eval()
+    return state, task, model
+
+
+def evaluate_run(run_dir: Path, checkpoint: str = "last", overrides: tuple[str, ...] = (),
+                 device: str = "auto") -> dict:
+    """The held-out metrics of `run_dir`'s checkpoint on its task, rebuilt with `overrides`."""
+    state, task, model = load_run(run_dir, checkpoint, overrides, device)
     with torch.no_grad():
         metrics = task.evaluate(model)
     return {"update": state["progress"]["update"], **metrics}

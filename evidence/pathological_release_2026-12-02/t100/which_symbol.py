@@ -13,10 +13,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from hfrun.checkpoint import load_checkpoint
-from hfrun.engine import DTYPES, build_model, build_task, resolve_device
+from hfrun.errors import HfrunError
+from hfrun.evaluate import load_run
 
 
 def main() -> None:
@@ -26,13 +25,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    state = load_checkpoint(args.run_dir / "checkpoints" / f"{args.checkpoint}.pt")
-    cfg = OmegaConf.merge(OmegaConf.create(state["config"]), OmegaConf.from_dotlist(args.overrides))
-    device, dtype = resolve_device("cpu"), DTYPES[cfg.run.dtype]
-    task = build_task(cfg, device, dtype)
-    model = build_model(cfg, task, device, dtype)
-    model.load_state_dict(state["model"])
-    model.eval()
+    try:
+        state, task, model = load_run(args.run_dir, args.checkpoint, tuple(args.overrides), device="cpu")
+    except HfrunError as error:
+        raise SystemExit(f"error: {error}") from None
     bits = task.output_size.bit_length() - 1
     confusion = torch.zeros(task.output_size, task.output_size, dtype=torch.long)
     with torch.no_grad():
@@ -44,14 +40,14 @@ def main() -> None:
             confusion += torch.bincount(truth * task.output_size + picked,
                                         minlength=task.output_size ** 2).view_as(confusion)
     total = int(confusion.sum())
-    truth = torch.arange(task.output_size).view(-1, 1).expand_as(confusion)
-    picked = torch.arange(task.output_size).view(1, -1).expand_as(confusion)
+    true_class = torch.arange(task.output_size).view(-1, 1).expand_as(confusion)
+    picked_class = torch.arange(task.output_size).view(1, -1).expand_as(confusion)
     print(f"{args.run_dir}  checkpoint {args.checkpoint}.pt, update {state['progress']['update']}, "
           f"{total} held-out sequences")
     print(f"error {1 - int(confusion.trace()) / total:.4f}")
     for index in range(bits):
         shift = bits - 1 - index
-        right = int(confusion[((truth >> shift) & 1) == ((picked >> shift) & 1)].sum())
+        right = int(confusion[((true_class >> shift) & 1) == ((picked_class >> shift) & 1)].sum())
         print(f"symbol {index + 1} right: {right / total:.4f}")
     print("confusion (rows: true class, columns: picked; class = symbols as bits, X = 0, Y = 1):")
     for row in confusion.tolist():
